@@ -1,0 +1,100 @@
+"""The `hnmix` command line: one thin function per subcommand; settings live in hnmix.config."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from hnmix.config import PretrainConfig, load_config
+from hnmix.errors import HnmixError
+
+app = typer.Typer(
+    help="Self-supervised pretraining with hard negatives: pretrain, evaluate, analyse, transfer.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+)
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Problems the user can fix end the command with one red line and exit code 2, never a traceback."""
+    try:
+        yield
+    except HnmixError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
+    """A typer option whose help text and shown default come from the pydantic field."""
+    f = cls.model_fields[name]
+    default = f.default if f.default is not None else "none"
+    if isinstance(default, bool):
+        default = flags[0].split("/")[0 if default else 1].lstrip("-") if "/" in flags[0] else default
+    return typer.Option(None, *flags, help=f"{f.description} [default: {default}]", show_default=False, **kwargs)
+
+
+P = PretrainConfig
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings (CLI flags override it)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any setting: --set key=value (repeatable)")]
+
+
+@app.command()
+def pretrain(
+    data: Annotated[str | None, field_option(P, "data", "--data")] = None,
+    arch: Annotated[str | None, field_option(P, "arch", "--arch")] = None,
+    cifar_stem: Annotated[bool | None, field_option(P, "cifar_stem", "--cifar-stem/--no-cifar-stem")] = None,
+    method: Annotated[str | None, field_option(P, "method", "--method")] = None,
+    n_hard: Annotated[int | None, field_option(P, "n_hard", "--N")] = None,
+    s: Annotated[int | None, field_option(P, "s", "--s")] = None,
+    s_prime: Annotated[int | None, field_option(P, "s_prime", "--s-prime")] = None,
+    mochi_start_epoch: Annotated[int | None, field_option(P, "mochi_start_epoch", "--mochi-start-epoch")] = None,
+    queue_size: Annotated[int | None, field_option(P, "queue_size", "--queue-size", "-K")] = None,
+    momentum: Annotated[float | None, field_option(P, "momentum", "--momentum")] = None,
+    temperature: Annotated[float | None, field_option(P, "temperature", "--temperature")] = None,
+    dim: Annotated[int | None, field_option(P, "dim", "--dim")] = None,
+    mlp: Annotated[bool | None, field_option(P, "mlp", "--mlp/--no-mlp")] = None,
+    epochs: Annotated[int | None, field_option(P, "epochs", "--epochs")] = None,
+    max_steps: Annotated[int | None, field_option(P, "max_steps", "--max-steps")] = None,
+    batch_size: Annotated[int | None, field_option(P, "batch_size", "--batch-size")] = None,
+    lr: Annotated[float | None, field_option(P, "lr", "--lr")] = None,
+    wd: Annotated[float | None, field_option(P, "wd", "--wd")] = None,
+    cos: Annotated[bool | None, field_option(P, "cos", "--cos/--no-cos")] = None,
+    image_size: Annotated[int | None, field_option(P, "image_size", "--image-size")] = None,
+    workers: Annotated[int | None, field_option(P, "workers", "--workers")] = None,
+    seed: Annotated[int | None, field_option(P, "seed", "--seed")] = None,
+    bn: Annotated[str | None, field_option(P, "bn", "--bn")] = None,
+    precision: Annotated[str | None, field_option(P, "precision", "--precision")] = None,
+    device: Annotated[str | None, field_option(P, "device", "--device")] = None,
+    output: Annotated[str | None, field_option(P, "output", "--output", "-o")] = None,
+    resume: Annotated[str | None, field_option(P, "resume", "--resume")] = None,
+    save_every: Annotated[int | None, field_option(P, "save_every", "--save-every")] = None,
+    skip_corrupt: Annotated[bool | None, field_option(P, "skip_corrupt", "--skip-corrupt/--no-skip-corrupt")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Pretrain a backbone with MoCo-v2 or a hard-negative method (single process, or DDP under torchrun).
+
+    Example: hnmix pretrain --data DIR --method mochi --N 1024 --s 1024 --s-prime 128
+    """
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "set_")}
+    with user_errors():
+        cfg = load_config(PretrainConfig, config, overrides, set_)
+        from hnmix.train.loop import pretrain as run_pretrain
+
+        run_pretrain(cfg)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)

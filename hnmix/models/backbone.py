@@ -1,0 +1,92 @@
+"""timm backbone factory, the CIFAR stem, and split batch norm (shuffle-BN emulation on one device)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hnmix.errors import HnmixError
+
+
+def check_arch(arch: str) -> str:
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise HnmixError(f"unknown timm architecture '{arch}'{hint}")
+    return arch
+
+
+def create_backbone(arch: str, cifar_stem: bool = False) -> nn.Module:
+    """A randomly initialised timm model without classifier: ``model(x)`` returns pooled features."""
+    check_arch(arch)
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if cifar_stem:
+        apply_cifar_stem(model, arch)
+    return model
+
+
+def apply_cifar_stem(model: nn.Module, arch: str = "") -> None:
+    """3x3 stride-1 first conv and no max-pool, so 32 px images keep their resolution (as in MoCo's CIFAR demo)."""
+    conv1 = getattr(model, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise HnmixError(
+            f"--cifar-stem needs a ResNet-style timm model with a single conv1 and a maxpool "
+            f"(e.g. resnet18, resnet50); '{arch}' has neither"
+        )
+    model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over G contiguous sub-batches normalised separately.
+
+    Sub-batch g holds samples [g*n/G, (g+1)*n/G): exactly what rank g of a G-process DDP run normalises,
+    so with the key shuffle it reproduces MoCo's shuffle BN on one device. Running statistics are the
+    mean over sub-batches. State-dict keys are those of nn.BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.num_splits
+        if not self.training or g == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % g:
+            raise HnmixError(f"split batch norm: batch of {n} does not split into {g} equal parts")
+        xs = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
+        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
+        out = F.batch_norm(
+            xs, mean, var, self.weight.repeat(g), self.bias.repeat(g), True, self.momentum, self.eps
+        )
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(g, c).mean(0))
+            self.running_var.copy_(var.view(g, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+
+
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every plain nn.BatchNorm2d (not subclasses such as timm's BatchNormAct2d) in place."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            split = SplitBatchNorm2d(
+                child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                affine=child.affine, track_running_stats=child.track_running_stats,
+            )
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split.to(child.weight.device))
+        else:
+            convert_split_bn(child, num_splits)
+    return module
+
+
+def count_batchnorms(module: nn.Module) -> tuple[int, int]:
+    """(plain BatchNorm2d count, other batch-norm-like count) — to warn when a BN mode cannot apply."""
+    plain = sum(type(m) is nn.BatchNorm2d or type(m) is SplitBatchNorm2d for m in module.modules())
+    other = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) - plain
+    return plain, other
