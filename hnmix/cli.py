@@ -20,6 +20,22 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from hnmix import __version__
+
+        typer.echo(f"hnmix {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """hnmix: MoCo-v2 pretraining with hard negatives (MoCHi, ...), evaluation, analysis and transfer."""
+
+
 @contextlib.contextmanager
 def user_errors():
     """Problems the user can fix end the command with one red line and exit code 2, never a traceback."""
@@ -39,7 +55,7 @@ def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
     default = f.default if f.default is not None else "none"
     if isinstance(default, bool):
         default = flags[0].split("/")[0 if default else 1].lstrip("-") if "/" in flags[0] else default
-    return typer.Option(None, *flags, help=f"{f.description} [default: {default}]", show_default=False, **kwargs)
+    return typer.Option(*flags, help=f"{f.description} [default: {default}]", show_default=False, **kwargs)
 
 
 P = PretrainConfig

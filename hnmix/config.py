@@ -49,7 +49,7 @@ class PretrainConfig(Settings):
     temperature: float = Field(0.2, gt=0, description="softmax temperature T")
     bn: str = Field("auto", description="batch-norm mode: shuffle (DDP, as MoCo), split:G (G sub-batches on "
                     "one device, emulates shuffle BN), sync, plain; auto = shuffle with several ranks, "
-                    "split:8 with one")
+                    "with one split:G, G <= 8 sub-batches of >= 32")
     # hard negatives
     method: Literal["moco", "mochi"] = Field("moco", description="moco (MoCo-v2) or mochi (hard negative mixing)")
     n_hard: int = Field(1024, ge=1, description="MoCHi N: hardest queue negatives to mix from")

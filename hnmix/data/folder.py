@@ -1,0 +1,68 @@
+"""Image files on disk: ImageFolder roots (labels from the first sub-folder), roots holding train/, and flat
+folders searched recursively (no labels)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from hnmix.errors import CorruptImageError, HnmixError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def resolve_split(root: Path, split: str) -> Path:
+    """`root/split` when it exists (a dataset root), else `root` itself."""
+    return root / split if (root / split).is_dir() else root
+
+
+def scan_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """Sorted image paths, their labels (-1 when unlabelled) and class names.
+
+    Labelled when every image sits inside a top-level sub-folder (the ImageFolder layout).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise HnmixError(f"data path does not exist: {root}")
+    if not root.is_dir():
+        raise HnmixError(f"data path is not a folder: {root}")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [Path(dirpath) / f for f in filenames if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+    if not files:
+        raise HnmixError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
+    files.sort()
+    parts = [f.relative_to(root).parts for f in files]
+    if all(len(p) >= 2 for p in parts):
+        classes = sorted({p[0] for p in parts})
+        index = {c: i for i, c in enumerate(classes)}
+        return files, [index[p[0]] for p in parts], classes
+    return files, [-1] * len(files), []
+
+
+def load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise CorruptImageError(f"cannot read image {path}: {e}") from None
+
+
+class ImageFiles:
+    """Labelled (or not) image files; `load(i)` returns an RGB PIL image."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.paths, self.labels, self.classes = scan_images(self.root)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Image.Image:
+        return load_rgb(self.paths[i])
+
+    def describe(self, i: int) -> str:
+        return str(self.paths[i])

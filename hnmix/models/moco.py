@@ -1,0 +1,125 @@
+"""MoCo-v2 with pluggable hard negatives: the whole algorithm in one module (after MoCo's builder.py).
+
+Queue rows are unit keys (K, D); queue and pointer are persistent buffers, so they live in checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# (q, queue, l_neg) -> extra logits (B, S) before temperature; see hnmix.negatives
+HardNegatives = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def projection_head(in_dim: int, dim: int, mlp: bool) -> nn.Module:
+    if not mlp:
+        return nn.Linear(in_dim, dim)
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, dim))
+
+
+class Encoder(nn.Module):
+    def __init__(self, backbone: nn.Module, dim: int, mlp: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.head = projection_head(backbone.num_features, dim, mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from every rank in rank order (no gradient); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class MocoOutput(NamedTuple):
+    logits: torch.Tensor  # (B, 1 + K + S) before temperature; column 0 is the positive
+    loss: torch.Tensor
+    stats: torch.Tensor  # [instance-discrimination top-1, mean positive, mean negative, mean synthetic logit]
+
+
+STAT_NAMES = ("acc", "logit_pos", "logit_neg", "logit_syn")
+
+
+class MoCo(nn.Module):
+    def __init__(self, backbone: nn.Module, *, dim: int = 128, K: int = 65536, m: float = 0.999,
+                 T: float = 0.2, mlp: bool = True, shuffle_keys: bool = True):
+        super().__init__()
+        self.K, self.m, self.T, self.shuffle_keys = K, m, T, shuffle_keys
+        self.encoder_q = Encoder(backbone, dim, mlp)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """k <- m k + (1 - m) q, fused over all parameters."""
+        k_params = list(self.encoder_k.parameters())
+        q_params = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_lerp_(k_params, q_params, 1.0 - self.m)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write the global batch of keys at the pointer; index arithmetic stays on device (no host sync)."""
+        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
+
+    @torch.no_grad()
+    def encode_keys(self, im_k: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's keys, all ranks' keys in batch order).
+
+        With shuffle_keys the global batch is permuted before the key encoder, so its BN (per rank under
+        DDP, per sub-batch with split BN) never sees the query's sub-batch: MoCo's shuffle BN. The
+        permutation comes from a generator seeded identically on every rank, so no broadcast is needed.
+        """
+        rank, world = rank_and_world()
+        if not self.shuffle_keys:
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+            return k, all_gather(k)
+        x_all = all_gather(im_k)
+        perm = torch.randperm(x_all.shape[0], generator=generator, device=x_all.device)
+        local = im_k.shape[0]
+        k_shuffled = F.normalize(self.encoder_k(x_all[perm[rank * local:(rank + 1) * local]]), dim=1)
+        k_all = all_gather(k_shuffled)[torch.argsort(perm)]
+        return k_all[rank * local:(rank + 1) * local], k_all
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, *, hard_negatives: HardNegatives | None = None,
+                shuffle_generator: torch.Generator | None = None) -> MocoOutput:
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            self.momentum_update()
+            k, k_all = self.encode_keys(im_k, shuffle_generator)
+        queue = self.queue.clone()  # the in-place enqueue below must not touch what autograd saved
+        q32 = q.float()  # logits and loss in fp32 whatever the autocast dtype
+        l_pos = (q32 * k.float()).sum(1, keepdim=True)
+        l_neg = q32 @ queue.T
+        parts = [l_pos, l_neg]
+        if hard_negatives is not None:
+            l_syn = hard_negatives(q32, queue, l_neg)
+            parts.append(l_syn)
+        logits = torch.cat(parts, dim=1)
+        loss = F.cross_entropy(logits / self.T, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        with torch.no_grad():
+            acc = (logits.argmax(1) == 0).float().mean()
+            syn = parts[2].mean() if len(parts) > 2 else torch.full_like(acc, float("nan"))
+            stats = torch.stack([acc, l_pos.mean(), l_neg.mean(), syn])
+        self.enqueue(k_all)
+        return MocoOutput(logits, loss, stats)

@@ -1,0 +1,124 @@
+"""`hnmix pretrain` end to end, and every bad input: one clear line, non-zero exit, no traceback."""
+
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+from conftest import TINY, write_images
+
+from hnmix.cli import app
+
+
+def invoke(runner, *args):
+    result = runner.invoke(app, ["pretrain", *args])
+    return result
+
+
+def assert_clean_error(result, message):
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
+    assert err.startswith("error:") and message in err, err
+
+
+def test_demo_run_writes_a_complete_run_directory(runner, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(runner, "--data", "demo", "--output", str(out), *TINY, "--epochs", "1", "--max-steps", "6",
+                    "--method", "mochi", "--N", "8", "--s", "4", "--s-prime", "2")
+    assert result.exit_code == 0, result.output
+    assert "effective 0.0009375" in result.stdout and "1 x 8 per rank" in result.stdout  # 0.03 x 8/256
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "backbone.pt", "tb"} <= {p.name for p in out.iterdir()}
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["method"] == "mochi" and cfg["n_hard"] == 8 and cfg["queue_size"] == 32
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "img_per_s", "acc", "logit_pos", "logit_neg", "logit_syn"} <= set(records[-1])
+    assert list((out / "tb").iterdir())
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scaler", "rng", "epoch", "step", "config"} <= set(ckpt)
+    assert {"queue", "queue_ptr"} <= set(ckpt["model"]) and ckpt["step"] == 6
+    backbone = timm.create_model("test_resnet", num_classes=0)
+    backbone.load_state_dict(torch.load(out / "backbone.pt", weights_only=True), strict=True)
+    q_keys = {k.removeprefix("encoder_q.backbone."): v for k, v in ckpt["model"].items()
+              if k.startswith("encoder_q.backbone.")}
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, q_keys[k])
+
+
+def test_mochi_start_epoch_gates_synthetic_negatives(runner, tmp_path):
+    data = write_images(tmp_path / "d", 16, classes=["a", "b"])  # 2 steps per epoch
+    result = invoke(runner, "--data", str(data), "--output", str(tmp_path / "r"), *TINY, "--epochs", "3",
+                    "--method", "mochi", "--N", "4", "--s", "2", "--s-prime", "1", "--mochi-start-epoch", "1")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert ["logit_syn" in r for r in records] == [False, False, True, True, True, True]
+
+
+def test_yaml_config_and_set_overrides(runner, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": "demo", "arch": "test_resnet", "image_size": 16, "batch_size": 8,
+                                   "queue_size": 32, "dim": 16, "workers": 0, "epochs": 1, "max_steps": 2}))
+    result = invoke(runner, "--config", str(cfg), "--output", str(tmp_path / "r"), "--set", "dim=8")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["dim"] == 8 and saved["max_steps"] == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "/no/such/dir"], "does not exist"),
+    (["--queue-size", "36"], "must be a multiple of the global batch size 8"),
+    (["--method", "mochi", "--N", "64"], "cannot exceed the queue size"),
+    (["--method", "mochi", "--N", "1", "--s", "2"], "need N >= 2"),
+    (["--arch", "resnet_nope"], "unknown timm architecture 'resnet_nope'"),
+    (["--resume", "/no/such/last.pt"], "checkpoint not found"),
+    (["--set", "qeueu_size=64"], "unknown setting 'qeueu_size'"),
+    (["--bn", "split:3"], "does not split into 3"),
+])
+def test_bad_settings(runner, tmp_path, args, message):
+    base = ["--data", "demo", "--output", str(tmp_path / "r"), *TINY]
+    assert_clean_error(invoke(runner, *base, *args), message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_data_dir(runner, tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert_clean_error(invoke(runner, "--data", str(tmp_path / "empty"), *TINY), "no images")
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(runner, tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"\x00garbage")
+    assert_clean_error(invoke(runner, "--data", "demo", *TINY, "--resume", str(bogus),
+                              "--output", str(tmp_path / "r")), "not a readable PyTorch checkpoint")
+    torch.save({"a": torch.zeros(1)}, bogus)
+    assert_clean_error(invoke(runner, "--data", "demo", *TINY, "--resume", str(bogus),
+                              "--output", str(tmp_path / "r")), "not an hnmix training checkpoint")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_image_is_named_and_can_be_skipped(runner, tmp_path, workers):
+    data = write_images(tmp_path / "d", 16, classes=["a", "b"])
+    bad = data / "a" / "img0002.jpg"
+    bad.write_bytes(b"truncated")
+    args = ["--data", str(data), *TINY, "--workers", workers, "--epochs", "1"]
+    assert_clean_error(invoke(runner, *args, "--output", str(tmp_path / "r1")), f"cannot read image {bad}")
+    assert not (tmp_path / "r1" / "last.pt").exists()
+    result = invoke(runner, *args, "--output", str(tmp_path / "r2"), "--skip-corrupt")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable images" in result.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runner, tmp_path):
+    out = tmp_path / "r"
+    args = ["--data", "demo", *TINY, "--epochs", "1", "--max-steps", "40", "--save-every", "1", "--output", str(out)]
+    ok = invoke(runner, *args[:-4], "--max-steps", "1", "--save-every", "1", "--output", str(out))
+    assert ok.exit_code == 0
+    good = torch.load(out / "last.pt", weights_only=True)
+    result = invoke(runner, *args, "--resume", "auto", "--lr", "1e30", "--set", "max_steps=40")
+    assert_clean_error(result, "non-finite loss at step")
+    assert "lr" in result.stderr and "the last good checkpoint is" in result.stderr
+    kept = torch.load(out / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    assert kept["step"] >= good["step"]

@@ -1,0 +1,46 @@
+"""Settings: precedence, YAML round trip, and the early checks."""
+
+import pytest
+
+from hnmix.config import PretrainConfig, load_config
+from hnmix.errors import HnmixError
+
+
+def test_defaults_are_the_moco_v2_recipe():
+    c = PretrainConfig()
+    assert (c.lr, c.batch_size, c.queue_size, c.momentum, c.temperature, c.dim, c.mlp, c.cos, c.epochs,
+            c.sgd_momentum, c.wd) == (0.03, 256, 65536, 0.999, 0.2, 128, True, True, 200, 0.9, 1e-4)
+
+
+def test_precedence_yaml_then_flags_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.1\nepochs: 5\narch: resnet18\n")
+    c = load_config(PretrainConfig, f, {"epochs": 7, "lr": None}, ["arch=resnet34", "schedule=[1, 2]"])
+    assert (c.lr, c.epochs, c.arch, c.schedule) == (0.1, 7, "resnet34", [1, 2])
+    c.save_yaml(tmp_path / "saved.yaml")
+    assert load_config(PretrainConfig, tmp_path / "saved.yaml") == c
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"queue_size": 1000, "batch_size": 256}, "multiple of the global batch"),
+    ({"method": "mochi", "n_hard": 70000}, "cannot exceed the queue size"),
+    ({"method": "mochi", "n_hard": 1, "s": 4}, "need N >= 2"),
+    ({"method": "mochi", "n_hard": 1, "s": 0, "s_prime": 3}, "need N >= 2"),
+    ({"arch": "resnet_does_not_exist"}, "unknown timm architecture"),
+    ({"data": "/no/such/folder"}, "does not exist"),
+    ({"bn": "split:0"}, "is not one of"),
+    ({"resume": "/no/such.pt"}, "checkpoint not found"),
+])
+def test_invalid_settings_fail_with_one_clear_line(overrides, message):
+    with pytest.raises(HnmixError, match=message) as e:
+        load_config(PretrainConfig, None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_keys_suggest_the_right_one(tmp_path):
+    with pytest.raises(HnmixError, match="did you mean 'queue_size'"):
+        load_config(PretrainConfig, None, None, ["queue_sise=5"])
+    f = tmp_path / "c.yaml"
+    f.write_text("- not a mapping\n")
+    with pytest.raises(HnmixError, match="mapping"):
+        load_config(PretrainConfig, f)

@@ -1,0 +1,115 @@
+"""The MoCo model's queue, pointer, momentum update, split BN and key shuffle against direct computations."""
+
+import copy
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hnmix.models.backbone import SplitBatchNorm2d, apply_cifar_stem, convert_split_bn, create_backbone
+from hnmix.models.moco import MoCo
+
+
+def tiny_moco(K=12, shuffle_keys=False, split=1, m=0.9):
+    torch.manual_seed(0)
+    backbone = create_backbone("test_resnet")
+    if split > 1:
+        convert_split_bn(backbone, split)
+    return MoCo(backbone, dim=8, K=K, m=m, T=0.2, mlp=True, shuffle_keys=shuffle_keys)
+
+
+def test_queue_and_pointer_are_persistent_and_unit():
+    model = tiny_moco()
+    sd = model.state_dict()
+    assert "queue" in sd and "queue_ptr" in sd
+    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(12))
+
+
+def test_enqueue_writes_at_pointer_and_wraps():
+    model = tiny_moco(K=12)
+    for step in range(5):  # 5 batches of 4 into a queue of 12: the pointer wraps twice
+        keys = torch.full((4, 8), float(step))
+        before = model.queue.clone()
+        ptr = int(model.queue_ptr)
+        model.enqueue(keys)
+        rows = [(ptr + r) % 12 for r in range(4)]
+        expected = before.clone()
+        expected[rows] = keys
+        torch.testing.assert_close(model.queue, expected)
+        assert int(model.queue_ptr) == (ptr + 4) % 12
+
+
+def test_momentum_update_matches_formula():
+    model = tiny_moco(m=0.9)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    k_before = copy.deepcopy(model.encoder_k.state_dict())
+    q_params = dict(model.encoder_q.named_parameters())
+    model.momentum_update()
+    for name, p in model.encoder_k.named_parameters():
+        torch.testing.assert_close(p, 0.9 * k_before[name] + 0.1 * q_params[name].detach())
+    for name, b in model.encoder_k.named_buffers():  # BN statistics are not averaged (as in MoCo)
+        torch.testing.assert_close(b, k_before[name])
+
+
+def test_split_bn_equals_bn_on_each_contiguous_chunk():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    bn.weight.data.uniform_()
+    bn.bias.data.uniform_()
+    split = SplitBatchNorm2d(3, 4)
+    split.load_state_dict(bn.state_dict())
+    x = torch.randn(16, 3, 5, 5)
+    ref_bns = [copy.deepcopy(bn) for _ in range(4)]
+    ref = torch.cat([ref_bns[g](x[4 * g:4 * g + 4]) for g in range(4)])
+    torch.testing.assert_close(split(x), ref)
+    torch.testing.assert_close(split.running_mean, torch.stack([b.running_mean for b in ref_bns]).mean(0))
+    split.eval()
+    torch.testing.assert_close(split(x), F.batch_norm(x, split.running_mean, split.running_var, split.weight,
+                                                      split.bias, False, 0.0, split.eps))
+
+
+def test_split_bn_keeps_state_dict_keys():
+    a, b = create_backbone("test_resnet"), convert_split_bn(create_backbone("test_resnet"), 2)
+    assert list(a.state_dict()) == list(b.state_dict())
+
+
+def test_key_shuffle_returns_keys_in_batch_order():
+    # with eval-mode BN the shuffle must be invisible: same keys as an unshuffled forward
+    model = tiny_moco(shuffle_keys=True).eval()
+    x = torch.randn(8, 3, 16, 16)
+    k, k_all = model.encode_keys(x, torch.Generator().manual_seed(0))
+    ref = F.normalize(model.encoder_k(x), dim=1)
+    torch.testing.assert_close(k, ref)
+    torch.testing.assert_close(k_all, ref)
+
+
+def test_forward_logits_layout_and_enqueue():
+    model = tiny_moco(K=16, shuffle_keys=True, split=2)
+    x_q, x_k = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    queue_before = model.queue.clone()
+    out = model(x_q, x_k, shuffle_generator=torch.Generator().manual_seed(0))
+    assert out.logits.shape == (4, 1 + 16)
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+    expected = F.cross_entropy(out.logits / 0.2, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.logits[:, 1:], (F.normalize(model.encoder_q(x_q), dim=1) @ queue_before.T).detach(),
+                               atol=1e-5, rtol=1e-5)
+    assert int(model.queue_ptr) == 4 and not torch.equal(model.queue[:4], queue_before[:4])
+    out.loss.backward()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+
+
+def test_cifar_stem_keeps_resolution_and_rejects_other_stems():
+    m = timm.create_model("resnet18", num_classes=0)
+    apply_cifar_stem(m, "resnet18")
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
+    assert m.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == 4  # 32 / 8, no stem downsampling
+    import pytest
+
+    from hnmix.errors import HnmixError
+
+    with pytest.raises(HnmixError, match="cifar-stem"):
+        create_backbone("resnet18d", cifar_stem=True)
