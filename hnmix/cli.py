@@ -59,8 +59,16 @@ def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
 
 
 P = PretrainConfig
+HN, MOCHI, SYNCO, RING = "Hard negatives", "MoCHi (--method mochi)", "SynCo (--method synco)", "Ring (--method ring)"
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings (CLI flags override it)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any setting: --set key=value (repeatable)")]
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise HnmixError(f"{flag} expects comma-separated integers, got '{text}'") from None
 
 
 @app.command()
@@ -68,11 +76,26 @@ def pretrain(
     data: Annotated[str | None, field_option(P, "data", "--data")] = None,
     arch: Annotated[str | None, field_option(P, "arch", "--arch")] = None,
     cifar_stem: Annotated[bool | None, field_option(P, "cifar_stem", "--cifar-stem/--no-cifar-stem")] = None,
-    method: Annotated[str | None, field_option(P, "method", "--method")] = None,
-    n_hard: Annotated[int | None, field_option(P, "n_hard", "--N")] = None,
-    s: Annotated[int | None, field_option(P, "s", "--s")] = None,
-    s_prime: Annotated[int | None, field_option(P, "s_prime", "--s-prime")] = None,
-    mochi_start_epoch: Annotated[int | None, field_option(P, "mochi_start_epoch", "--mochi-start-epoch")] = None,
+    method: Annotated[str | None, field_option(P, "method", "--method", rich_help_panel=HN)] = None,
+    n_hard: Annotated[int | None, field_option(P, "n_hard", "--N", rich_help_panel=HN)] = None,
+    s: Annotated[int | None, field_option(P, "s", "--s", rich_help_panel=MOCHI)] = None,
+    s_prime: Annotated[int | None, field_option(P, "s_prime", "--s-prime", rich_help_panel=MOCHI)] = None,
+    mochi_start_epoch: Annotated[int | None, field_option(P, "mochi_start_epoch", "--mochi-start-epoch",
+                                                          rich_help_panel=MOCHI)] = None,
+    synco_counts: Annotated[str | None, field_option(P, "synco_counts", "--synco-counts", rich_help_panel=SYNCO,
+                                                     metavar="N1,...,N6")] = None,
+    synco_sigma: Annotated[float | None, field_option(P, "synco_sigma", "--synco-sigma", rich_help_panel=SYNCO)] = None,
+    synco_delta: Annotated[float | None, field_option(P, "synco_delta", "--synco-delta", rich_help_panel=SYNCO)] = None,
+    synco_eta: Annotated[float | None, field_option(P, "synco_eta", "--synco-eta", rich_help_panel=SYNCO)] = None,
+    synco_start_epoch: Annotated[int | None, field_option(P, "synco_start_epoch", "--synco-start-epoch",
+                                                          rich_help_panel=SYNCO)] = None,
+    ring_outer: Annotated[float | None, field_option(P, "ring_outer", "--ring-outer", rich_help_panel=RING)] = None,
+    ring_inner: Annotated[float | None, field_option(P, "ring_inner", "--ring-inner", rich_help_panel=RING)] = None,
+    ring_anneal: Annotated[str | None, field_option(P, "ring_anneal", "--ring-anneal", rich_help_panel=RING)] = None,
+    ring_anneal_epochs: Annotated[int | None, field_option(P, "ring_anneal_epochs", "--ring-anneal-epochs",
+                                                           rich_help_panel=RING)] = None,
+    oracle_labels: Annotated[bool | None, field_option(P, "oracle_labels", "--oracle-labels/--no-oracle-labels",
+                                                       rich_help_panel=HN)] = None,
     queue_size: Annotated[int | None, field_option(P, "queue_size", "--queue-size", "-K")] = None,
     momentum: Annotated[float | None, field_option(P, "momentum", "--momentum")] = None,
     temperature: Annotated[float | None, field_option(P, "temperature", "--temperature")] = None,
@@ -99,10 +122,16 @@ def pretrain(
 ) -> None:
     """Pretrain a backbone with MoCo-v2 or a hard-negative method (single process, or DDP under torchrun).
 
+    Methods (--method): moco = MoCo-v2; mochi = mix the N hardest negatives (s pairs, s' with the query);
+    synco = six kinds of synthetic hard negatives; ring = keep a ring of hard-but-not-too-hard negatives.
+    --oracle-labels adds the label oracle to any of them. See docs/methods.md.
+
     Example: hnmix pretrain --data DIR --method mochi --N 1024 --s 1024 --s-prime 128
     """
     overrides = {k: v for k, v in locals().items() if k not in ("config", "set_")}
     with user_errors():
+        if synco_counts is not None:
+            overrides["synco_counts"] = parse_int_list(synco_counts, "--synco-counts")
         cfg = load_config(PretrainConfig, config, overrides, set_)
         from hnmix.train.loop import pretrain as run_pretrain
 

@@ -50,12 +50,28 @@ class PretrainConfig(Settings):
     bn: str = Field("auto", description="batch-norm mode: shuffle (DDP, as MoCo), split:G (G sub-batches on "
                     "one device, emulates shuffle BN), sync, plain; auto = shuffle with several ranks, "
                     "with one split:G, G <= 8 sub-batches of >= 32")
-    # hard negatives
-    method: Literal["moco", "mochi"] = Field("moco", description="moco (MoCo-v2) or mochi (hard negative mixing)")
-    n_hard: int = Field(1024, ge=1, description="MoCHi N: hardest queue negatives to mix from")
+    # hard negatives (hnmix.negatives; docs/methods.md)
+    method: str = Field("moco", description="moco (MoCo-v2), mochi (hard negative mixing), synco (six synthetic "
+                        "kinds), ring (conditional negative sampling)")
+    n_hard: int = Field(1024, ge=1, description="N: hardest queue negatives to synthesise from (mochi, synco)")
     s: int = Field(1024, ge=0, description="MoCHi s: mixes of two hard negatives per query")
     s_prime: int = Field(128, ge=0, description="MoCHi s': mixes of the query with a hard negative")
-    mochi_start_epoch: int = Field(0, ge=0, description="first epoch (0-based) with synthetic negatives")
+    mochi_start_epoch: int = Field(0, ge=0, description="MoCHi: first epoch (0-based) with synthetic negatives")
+    synco_counts: list[int] = Field([256, 256, 256, 64, 64, 64], description="SynCo: points per query of each "
+                                    "kind: interpolation, extrapolation, mixup, noise, gradient, adversarial "
+                                    "(0 switches one off)")
+    synco_sigma: float = Field(0.01, ge=0, description="SynCo: noise scale of kind 4")
+    synco_delta: float = Field(0.01, ge=0, description="SynCo: gradient step of kind 5")
+    synco_eta: float = Field(0.01, ge=0, description="SynCo: adversarial step of kind 6")
+    synco_start_epoch: int = Field(10, ge=0, description="SynCo: first epoch (0-based) with synthetic negatives")
+    ring_outer: float = Field(0.1, gt=0, le=1, description="Ring: share of the queue (hardest first) in the ring")
+    ring_inner: float = Field(0.1, ge=0, lt=1, description="Ring: share of the ring's hardest dropped as likely "
+                              "false negatives")
+    ring_anneal: Literal["none", "linear", "step", "exp"] = Field(
+        "linear", description="Ring: how the outer share shrinks from 1.0 to --ring-outer")
+    ring_anneal_epochs: int = Field(100, ge=0, description="Ring: epochs over which the outer share anneals")
+    oracle_labels: bool = Field(False, description="remove same-class queue negatives from each query's loss and "
+                                "from synthesis (needs labelled data: an upper bound, not self-supervised)")
     # optimisation
     epochs: int = Field(200, ge=1, description="training epochs")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (schedule shortened to match)")
@@ -92,6 +108,22 @@ class PretrainConfig(Settings):
         except HnmixError as e:
             raise ValueError(str(e)) from None
 
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, v: str) -> str:
+        from hnmix.negatives import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method '{v}' (choose from {', '.join(METHODS)})")
+        return v
+
+    @field_validator("synco_counts")
+    @classmethod
+    def _six_counts(cls, v: list[int]) -> list[int]:
+        if len(v) != 6 or min(v) < 0:
+            raise ValueError(f"needs six non-negative counts, got {v}")
+        return v
+
     @field_validator("bn")
     @classmethod
     def _bn_mode(cls, v: str) -> str:
@@ -113,13 +145,13 @@ class PretrainConfig(Settings):
                              f"{self.batch_size}")
         if self.bn.startswith("split:") and self.batch_size % int(self.bn[6:]):
             raise ValueError(f"batch_size {self.batch_size} does not split into {self.bn[6:]} BN groups")
-        if self.method == "mochi":
+        synthetic = {"mochi": self.s + self.s_prime, "synco": sum(self.synco_counts)}.get(self.method, 0)
+        if synthetic:
             if self.n_hard > self.queue_size:
                 raise ValueError(f"N={self.n_hard} hardest negatives cannot exceed the queue size "
                                  f"K={self.queue_size}")
-            if (self.s or self.s_prime) and self.n_hard < 2:
-                raise ValueError(f"synthetic negatives (s={self.s}, s'={self.s_prime}) need N >= 2, "
-                                 f"got N={self.n_hard}")
+            if self.n_hard < 2:
+                raise ValueError(f"synthetic negatives ({self.method}) need N >= 2, got N={self.n_hard}")
         return self
 
     @property

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# (q, queue, l_neg) -> extra logits (B, S) before temperature; see hnmix.negatives
-HardNegatives = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (q, queue, l_neg) -> hnmix.negatives.Negatives (extra logits and/or a mask of kept queue entries)
+HardNegatives = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
 
 
 def projection_head(in_dim: int, dim: int, mlp: bool) -> nn.Module:
@@ -49,13 +49,25 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def contrastive_loss(logits: torch.Tensor, T: float, keep: torch.Tensor | None = None):
+    """InfoNCE with the positive in column 0; negatives with keep=False are left out of the log-sum-exp
+    exactly (their exp is 0 via -inf, whatever the dtype). Returns (loss, tempered masked logits)."""
+    z = logits / T
+    if keep is not None:
+        K = keep.shape[1]
+        z = torch.cat([z[:, :1], z[:, 1:1 + K].masked_fill(~keep, float("-inf")), z[:, 1 + K:]], dim=1)
+    return (torch.logsumexp(z, dim=1) - z[:, 0]).mean(), z
+
+
 class MocoOutput(NamedTuple):
     logits: torch.Tensor  # (B, 1 + K + S) before temperature; column 0 is the positive
     loss: torch.Tensor
-    stats: torch.Tensor  # [instance-discrimination top-1, mean positive, mean negative, mean synthetic logit]
+    stats: torch.Tensor  # see STAT_NAMES
 
 
-STAT_NAMES = ("acc", "logit_pos", "logit_neg", "logit_syn")
+# instance-discrimination top-1 (kept negatives and synthetic ones count), mean positive / queue / synthetic
+# logit, share of queue negatives kept in the loss (Ring, oracle)
+STAT_NAMES = ("acc", "logit_pos", "logit_neg", "logit_syn", "neg_kept")
 
 
 class MoCo(nn.Module):
@@ -67,6 +79,7 @@ class MoCo(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_labels", torch.full((K,), -1, dtype=torch.long))  # -1: unknown
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -76,10 +89,11 @@ class MoCo(nn.Module):
         torch._foreach_lerp_(k_params, q_params, 1.0 - self.m)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write the global batch of keys at the pointer; index arithmetic stays on device (no host sync)."""
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Write the global batch of keys (and their labels) at the pointer; index arithmetic stays on device."""
         rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K
         self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_labels.index_copy_(0, rows, labels if labels is not None else torch.full_like(rows, -1))
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
 
     @torch.no_grad()
@@ -102,7 +116,10 @@ class MoCo(nn.Module):
         return k_all[rank * local:(rank + 1) * local], k_all
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, *, hard_negatives: HardNegatives | None = None,
+                labels: torch.Tensor | None = None, oracle: bool = False,
                 shuffle_generator: torch.Generator | None = None) -> MocoOutput:
+        """labels (B,) (-1 = unknown) are queued beside the keys; with oracle=True, queue entries of the
+        query's own class leave its loss and are not used to synthesise negatives."""
         q = F.normalize(self.encoder_q(im_q), dim=1)
         with torch.no_grad():
             self.momentum_update()
@@ -111,15 +128,21 @@ class MoCo(nn.Module):
         q32 = q.float()  # logits and loss in fp32 whatever the autocast dtype
         l_pos = (q32 * k.float()).sum(1, keepdim=True)
         l_neg = q32 @ queue.T
+        keep = (self.queue_labels[None, :] != labels[:, None]) | (labels[:, None] < 0) if oracle else None
         parts = [l_pos, l_neg]
         if hard_negatives is not None:
-            l_syn = hard_negatives(q32, queue, l_neg)
-            parts.append(l_syn)
+            visible = l_neg if keep is None else l_neg.masked_fill(~keep, float("-inf"))
+            extra, method_keep = hard_negatives(q32, queue, visible)
+            if method_keep is not None:
+                keep = method_keep if keep is None else keep & method_keep
+            if extra is not None:
+                parts.append(extra)
         logits = torch.cat(parts, dim=1)
-        loss = F.cross_entropy(logits / self.T, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        loss, z = contrastive_loss(logits, self.T, keep)
         with torch.no_grad():
-            acc = (logits.argmax(1) == 0).float().mean()
+            acc = (z.argmax(1) == 0).float().mean()
             syn = parts[2].mean() if len(parts) > 2 else torch.full_like(acc, float("nan"))
-            stats = torch.stack([acc, l_pos.mean(), l_neg.mean(), syn])
-        self.enqueue(k_all)
+            kept = keep.float().mean() if keep is not None else torch.ones_like(acc)
+            stats = torch.stack([acc, l_pos.mean(), l_neg.mean(), syn, kept])
+        self.enqueue(k_all, all_gather(labels) if labels is not None else None)
         return MocoOutput(logits, loss, stats)

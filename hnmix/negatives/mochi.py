@@ -56,3 +56,15 @@ def mochi(q: torch.Tensor, queue: torch.Tensor, l_neg: torch.Tensor, *, n_hard: 
     """MoCHi synthetic logits (B, s + s') for unit queries q (B, D), unit queue rows (K, D), l_neg = q @ queue.T."""
     draws = draw_mochi(q.shape[0], n_hard, s, s_prime, generator=generator, device=q.device)
     return mochi_from_draws(q, queue, l_neg, draws, n_hard)
+
+
+def from_config(cfg):
+    def strategy(q, queue, l_neg, *, generator, epoch):
+        from hnmix.negatives import Negatives
+
+        if epoch < cfg.mochi_start_epoch or not (cfg.s or cfg.s_prime):
+            return Negatives()
+        return Negatives(extra=mochi(q, queue, l_neg, n_hard=cfg.n_hard, s=cfg.s, s_prime=cfg.s_prime,
+                                     generator=generator))
+
+    return strategy

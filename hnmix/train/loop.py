@@ -20,7 +20,7 @@ from hnmix.data.pretrain import RunBatches, TwoViews, open_images, sample_seed
 from hnmix.errors import HnmixError
 from hnmix.models.backbone import convert_split_bn, count_batchnorms, create_backbone
 from hnmix.models.moco import STAT_NAMES, MoCo
-from hnmix.negatives import mochi
+from hnmix.negatives import build_strategy
 from hnmix.train import distributed
 from hnmix.train.checkpoint import atomic_save, load_checkpoint, make_checkpoint, set_rng_state
 from hnmix.train.logging import MetricsLog, training_progress, truncate_metrics
@@ -39,6 +39,18 @@ def lr_at(cfg: PretrainConfig, step: int, total_steps: int, steps_per_epoch: int
         return effective_lr(cfg) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
     epoch = step // steps_per_epoch
     return effective_lr(cfg) * 0.1 ** sum(epoch >= m for m in cfg.schedule)
+
+
+def describe_method(cfg: PretrainConfig) -> str:
+    details = {
+        "mochi": f"N={cfg.n_hard}, s={cfg.s}, s'={cfg.s_prime}, from epoch {cfg.mochi_start_epoch}",
+        "synco": f"N={cfg.n_hard}, counts {cfg.synco_counts}, sigma={cfg.synco_sigma}, delta={cfg.synco_delta}, "
+                 f"eta={cfg.synco_eta}, from epoch {cfg.synco_start_epoch}",
+        "ring": f"outer {cfg.ring_outer}, inner {cfg.ring_inner}, anneal {cfg.ring_anneal} over "
+                f"{cfg.ring_anneal_epochs} epochs",
+    }.get(cfg.method)
+    text = cfg.method + (f" ({details})" if details else "")
+    return text + (" + label oracle" if cfg.oracle_labels else "")
 
 
 def resolve_bn(cfg: PretrainConfig, world: int, local_batch: int) -> tuple[str, int]:
@@ -128,6 +140,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights and queue on every rank and every run
         images = open_images(cfg.data, "train")
+        if cfg.oracle_labels and min(images.labels) < 0:
+            raise HnmixError("--oracle-labels needs labelled data (an ImageFolder: one sub-folder per class)")
         self.dataset = TwoViews(images, cfg.image_size, cfg.seed, cfg.skip_corrupt)
         self.model = build_model(cfg, self.bn_mode, self.splits, info.world, self.console).to(info.device)
         if cfg.channels_last:
@@ -175,8 +189,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         t = Table(title="hnmix pretrain", show_header=False, title_justify="left")
         rows = [
-            ("method", cfg.method + (f" (N={cfg.n_hard}, s={cfg.s}, s'={cfg.s_prime}, from epoch "
-                                     f"{cfg.mochi_start_epoch})" if cfg.method == "mochi" else "")),
+            ("method", describe_method(cfg)),
             ("backbone", f"{cfg.arch}{' + CIFAR stem' if cfg.cifar_stem else ''}, head "
                          f"{'MLP' if cfg.mlp else 'linear'} -> {cfg.dim}"),
             ("data", f"{cfg.data}: {len(self.dataset)} images, {cfg.image_size} px"),
@@ -210,27 +223,25 @@ class Trainer:
         shared_gen = torch.Generator(device=info.device)  # same draws on every rank: key shuffle
         rank_gen = torch.Generator(device=info.device)  # this rank's draws: synthetic negatives
         ddp = self._wrap_ddp() if info.world > 1 else self.model
+        strategy = build_strategy(cfg)
         skipped = 0
         try:
             with training_progress(self.console) as progress:
                 task = progress.add_task("train", total=total, completed=self.step, epoch=self.step // spe + 1,
                                          loss="-", acc="-", speed="-")
-                for im_q, im_k, _, skip in self._loader(sampler):
-                    epoch = self.step // spe
+                for im_q, im_k, labels, skip in self._loader(sampler):
                     lr = lr_at(cfg, self.step, total, spe)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     shared_gen.manual_seed(sample_seed(cfg.seed, self.step, -2))
                     rank_gen.manual_seed(sample_seed(cfg.seed, self.step, -3 - info.rank))
-                    hard = None
-                    if cfg.method == "mochi" and epoch >= cfg.mochi_start_epoch:
-                        hard = functools.partial(mochi, n_hard=cfg.n_hard, s=cfg.s, s_prime=cfg.s_prime,
-                                                 generator=rank_gen)
+                    hard = strategy and functools.partial(strategy, generator=rank_gen, epoch=self.step / spe)
                     im_q = self.normalize(im_q.to(info.device, non_blocking=True))
                     im_k = self.normalize(im_k.to(info.device, non_blocking=True))
                     with torch.autocast(info.device.type, dtype=self.dtype or torch.float32,
                                         enabled=self.dtype is not None):
-                        out = ddp(im_q, im_k, hard_negatives=hard, shuffle_generator=shared_gen)
+                        out = ddp(im_q, im_k, hard_negatives=hard, labels=labels.to(info.device, non_blocking=True),
+                                  oracle=cfg.oracle_labels, shuffle_generator=shared_gen)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(out.loss).backward()
                     self.scaler.step(self.optimizer)
