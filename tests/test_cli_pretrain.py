@@ -97,6 +97,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(runner, tmp_path):
                               "--output", str(tmp_path / "r")), "not an hnmix training checkpoint")
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_corrupt_image_is_named_and_can_be_skipped(runner, tmp_path, workers):
     data = write_images(tmp_path / "d", 16, classes=["a", "b"])
