@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from hnmix.config import PretrainConfig, load_config
 from hnmix.errors import HnmixError
@@ -55,7 +56,8 @@ def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
     default = f.default if f.default is not None else "none"
     if isinstance(default, bool):
         default = flags[0].split("/")[0 if default else 1].lstrip("-") if "/" in flags[0] else default
-    return typer.Option(*flags, help=f"{f.description} [default: {default}]", show_default=False, **kwargs)
+    help_text = escape(f"{f.description} [default: {default}]")  # typer renders rich markup: keep the brackets
+    return typer.Option(*flags, help=help_text, show_default=False, **kwargs)
 
 
 P = PretrainConfig
@@ -78,7 +80,7 @@ def pretrain(
     cifar_stem: Annotated[bool | None, field_option(P, "cifar_stem", "--cifar-stem/--no-cifar-stem")] = None,
     method: Annotated[str | None, field_option(P, "method", "--method", rich_help_panel=HN)] = None,
     n_hard: Annotated[int | None, field_option(P, "n_hard", "--N", rich_help_panel=HN)] = None,
-    s: Annotated[int | None, field_option(P, "s", "--s", rich_help_panel=MOCHI)] = None,
+    s: Annotated[int | None, field_option(P, "s", "--s", "--mochi-s", rich_help_panel=MOCHI)] = None,
     s_prime: Annotated[int | None, field_option(P, "s_prime", "--s-prime", rich_help_panel=MOCHI)] = None,
     mochi_start_epoch: Annotated[int | None, field_option(P, "mochi_start_epoch", "--mochi-start-epoch",
                                                           rich_help_panel=MOCHI)] = None,

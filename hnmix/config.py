@@ -54,7 +54,8 @@ class PretrainConfig(Settings):
     method: str = Field("moco", description="moco (MoCo-v2), mochi (hard negative mixing), synco (six synthetic "
                         "kinds), ring (conditional negative sampling)")
     n_hard: int = Field(1024, ge=1, description="N: hardest queue negatives to synthesise from (mochi, synco)")
-    s: int = Field(1024, ge=0, description="MoCHi s: mixes of two hard negatives per query")
+    s: int = Field(1024, ge=0, description="MoCHi s: mixes of two hard negatives per query (under torchrun, "
+                   "whose parser takes --s for its own, write --mochi-s)")
     s_prime: int = Field(128, ge=0, description="MoCHi s': mixes of the query with a hard negative")
     mochi_start_epoch: int = Field(0, ge=0, description="MoCHi: first epoch (0-based) with synthetic negatives")
     synco_counts: list[int] = Field([256, 256, 256, 64, 64, 64], description="SynCo: points per query of each "
