@@ -29,6 +29,8 @@ class Check:
 def _version(module: str) -> tuple[object | None, str]:
     try:
         mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        return None, "not installed" if e.name == module else f"needs missing module {e.name}"
     except Exception as e:  # ImportError, or a broken binary raising OSError/RuntimeError on import
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     try:
@@ -62,7 +64,7 @@ def _gpu_checks(torch) -> list[Check]:
 def _detectron2_checks(torch) -> list[Check]:
     mod, detail = _version("detectron2")
     if mod is None:
-        return [Check("detectron2", "warn", "not installed" if "No module" in detail else detail,
+        return [Check("detectron2", "warn", detail,
                       f"needed by transfer-detect only: {INSTALL_HINT}")]
     checks = [Check("detectron2", "ok", f"{detail} ({mod.__path__[0]})")]
     try:
@@ -77,7 +79,7 @@ def _detectron2_checks(torch) -> list[Check]:
                     f"detectron2 was built against another torch: reinstall it: {INSTALL_HINT}")
     checks.append(ops)
     pycoco, detail = _version("pycocotools")
-    checks.append(Check("pycocotools", "ok" if pycoco else "warn", detail if pycoco else "not installed",
+    checks.append(Check("pycocotools", "ok" if pycoco else "warn", detail,
                         "" if pycoco else "needed for COCO evaluation: pip install pycocotools"))
     return checks
 

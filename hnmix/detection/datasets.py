@@ -128,14 +128,33 @@ def _read_split(path: Path, known: set[str]) -> list[str]:
     return ids
 
 
-def make_split(ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic held-out split: the same ids, fraction and seed always give the same split."""
+def make_split(ids: list, fraction: float, seed: int, labels: dict | None = None) -> tuple[list, list]:
+    """Deterministic held-out split: the same ids, fraction and seed always give the same split.
+
+    With ``labels`` (id -> class names), every class with two or more images ends up on both sides:
+    VOC AP is undefined (NaN) for a class without test instances, and detectron2 averages it in.
+    """
     if len(ids) < 2:
         raise HnmixError(f"{len(ids)} annotated image(s): need at least 2 to hold one out for testing")
     order = sorted(ids)
     random.Random(seed).shuffle(order)
     n_test = min(len(order) - 1, max(1, round(fraction * len(order))))
-    return sorted(order[n_test:]), sorted(order[:n_test])
+    train, test = order[n_test:], order[:n_test]
+    for cls in sorted({c for i in ids for c in (labels or {}).get(i, ())}):
+        for src, dst in ((train, test), (test, train)):
+            if not any(cls in labels.get(i, ()) for i in dst):
+                _move_one(cls, src, dst, labels)
+    return sorted(train), sorted(test)
+
+
+def _move_one(cls: str, src: list, dst: list, labels: dict) -> None:
+    """Move the first image of ``cls`` from src to dst if src keeps an image of every class it loses."""
+    for i in src:
+        rest = [j for j in src if j != i]
+        if cls in labels.get(i, ()) and rest and all(any(c in labels.get(j, ()) for j in rest) for c in labels[i]):
+            src.remove(i)
+            dst.append(i)
+            return
 
 
 def _write_eval_annotation(path: Path, objects: list[dict]) -> None:
@@ -189,14 +208,19 @@ def _voc_layout(root: Path, output: Path, fraction: float, seed: int) -> Dataset
         train_ids, test_ids = (_read_split(main / f"{s}.txt", set(records)) for s in pair)
         split_note = f"split from {main}/{pair[0]}.txt + {pair[1]}.txt"
     else:
-        train_ids, test_ids = make_split(list(records), fraction, seed)
+        labels = {i: {o["name"] for o in objs} for i, objs in parsed.items()}
+        train_ids, test_ids = make_split(list(records), fraction, seed, labels)
         split_dir = output / "splits"
         split_dir.mkdir(parents=True, exist_ok=True)
         (split_dir / "train.txt").write_text("\n".join(train_ids) + "\n")
         (split_dir / "test.txt").write_text("\n".join(test_ids) + "\n")
         split_note = (f"no ImageSets/Main split: made one ({len(train_ids)} train / {len(test_ids)} test, "
-                      f"sorted ids, seed {seed}, {fraction:.0%} held out), written to {split_dir}")
+                      f"sorted ids, seed {seed}, ~{fraction:.0%} held out, classes on both sides), written to {split_dir}")
     notes.insert(0, split_note)
+    untested = [c for c in classes if not any(o["name"] == c for i in test_ids for o in parsed[i])]
+    if untested:
+        notes.append(f"classes without test instances ({', '.join(untested[:5])}): their AP is undefined, so the "
+                     "VOC mean AP is too (shown as -)")
 
     eval_dir = output / "voc_eval"
     (eval_dir / "Annotations").mkdir(parents=True, exist_ok=True)

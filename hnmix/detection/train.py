@@ -224,9 +224,10 @@ def transfer_detect(s: TransferDetectConfig) -> dict:
         input_size=s.input_size, workers=s.workers, smoke=s.smoke, overrides=s.d2_overrides)
     model = "Mask R-CNN" if cfg.MODEL.MASK_ON else "Faster R-CNN"
     head = "FPN" if "fpn" in cfg.MODEL.BACKBONE.NAME else "C4"
+    schedule = ("evaluation only" if s.eval_only else f"{cfg.SOLVER.MAX_ITER} iters, batch "
+                f"{cfg.SOLVER.IMS_PER_BATCH}, LR {cfg.SOLVER.BASE_LR:g}")
     console.print(f"[bold]{s.task}[/] {model} R{cfg.MODEL.RESNETS.DEPTH}-{head} ({s.recipe_name}) on {device}: "
-                  f"{cfg.SOLVER.MAX_ITER} iters, batch {cfg.SOLVER.IMS_PER_BATCH}, LR {cfg.SOLVER.BASE_LR:g}, "
-                  f"{s.trials} trial(s)", highlight=False)
+                  f"{schedule}, {s.trials} trial(s)", highlight=False)
     console.print(f"data: {plan.summary}\nweights: {weights.description}", highlight=False)
     for note in plan.notes + weights.notes + cfg_notes:
         console.print(f"  [yellow]note:[/] {note}", highlight=False)
