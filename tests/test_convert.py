@@ -100,6 +100,12 @@ def test_sidecar_yaml_and_printed_keys(r50, tmp_path):
     assert "STRIDE_IN_1X1" in res.output and "RGB" in res.output
 
 
+def test_detectron2_output_must_be_a_pkl(r50, tmp_path):
+    _, _, d = r50
+    res = runner.invoke(app, ["convert", "-w", str(d / "backbone.pt"), "-o", str(tmp_path / "w.pth")])
+    assert res.exit_code == 2 and ".pkl" in res.output and not (tmp_path / "w.pth").exists()
+
+
 def test_three_input_formats_give_the_same_pickle(r50, tmp_path):
     _, _, d = r50
     outs = []

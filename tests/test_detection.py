@@ -119,6 +119,19 @@ def test_voc_layout_uses_existing_split_files(tmp_path):
         plan_voc(str(data), tmp_path / "run2")
 
 
+def test_standard_voc_root(tmp_path):
+    v07 = make_voc(tmp_path / "datasets/VOC2007", ann="Annotations", img="JPEGImages")
+    (v07 / "ImageSets/Main").mkdir(parents=True)
+    (v07 / "ImageSets/Main/trainval.txt").write_text("pic0\npic1\npic2\n")
+    with pytest.raises(HnmixError, match="test.txt is missing"):
+        plan_voc(str(tmp_path / "datasets"), tmp_path / "run")
+    (v07 / "ImageSets/Main/test.txt").write_text("pic3\npic4\n")
+    plan = plan_voc(str(tmp_path / "datasets"), tmp_path / "run")
+    assert plan.train == ["hnmix_voc_2007_trainval"] and plan.test == ["hnmix_voc_2007_test"]
+    assert len(plan.classes) == 20 and "VOC2012 not found" in plan.notes[0]
+    assert plan.sets[1].args == {"dirname": str(v07), "split": "test", "year": 2007}  # VOC07 11-point metric
+
+
 def test_voc_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HnmixError, match="no PASCAL VOC xml files"):
@@ -237,6 +250,22 @@ def test_moco_voc_recipe_and_syncbn_fallback(converted):
     assert tuple(short.SOLVER.STEPS) == (180, 220) and short.SOLVER.BASE_LR == pytest.approx(0.005)
     with pytest.raises(HnmixError, match="did you mean MODEL.RPN.POST_NMS_TOPK_TEST"):
         _recipe_cfg(w.settings, overrides=[("MODEL.RPN.POST_NMS_TOPK_TST", "10")])
+
+
+def test_fpn_recipe_builds_with_norms_everywhere(converted):
+    from detectron2.modeling import build_model
+
+    from hnmix.detection.recipes import build_detectron2_config
+
+    cfg, _ = build_detectron2_config(
+        "coco", "fpn-2x", num_classes=2, train=["t"], test=["v"], masks=True, weights_path="", weights_settings={},
+        output_dir="/tmp/x", seed=0, device="cpu", world_size=1, batch_size=None, lr=None, iters=None,
+        input_size=None, workers=0, overrides=[])
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (180000, (120000, 160000))
+    model = build_model(cfg)
+    assert type(model.backbone.fpn_lateral2.norm).__name__ == "BatchNorm2d"
+    assert type(model.roi_heads.box_head.conv4.norm).__name__ == "BatchNorm2d"
+    assert type(model.roi_heads.mask_head.mask_fcn1.norm).__name__ == "BatchNorm2d"
 
 
 def test_converted_weights_load_into_r50_c4(converted):

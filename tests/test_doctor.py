@@ -41,3 +41,9 @@ def test_broken_core_fails(monkeypatch):
     monkeypatch.setattr(doctor, "_smoke_test", lambda: doctor.Check("core smoke test", "fail", "boom", "fix it"))
     code, text = _run()
     assert code == 1 and "core problem" in text and "pip install timm" in text
+
+
+def test_help_of_the_new_commands_renders():
+    for command in ("convert", "transfer-detect", "doctor"):
+        res = CliRunner().invoke(app, [command, "--help"])
+        assert res.exit_code == 0, (command, res.output)

@@ -31,10 +31,16 @@ class ConvertConfig(Settings):
     def _weights_exist(cls, v: str) -> str:
         return _exists(v, "weights file")
 
+    @model_validator(mode="after")
+    def _pkl_for_detectron2(self) -> ConvertConfig:
+        if self.to == "detectron2" and not self.output.endswith(".pkl"):
+            raise ValueError(f"detectron2 reads converted weights only from a .pkl file, got --output {self.output}")
+        return self
+
 
 class TransferDetectConfig(Settings):
     task: Literal["voc", "coco"] = Field(..., description="voc: Faster R-CNN, VOC AP; coco: Mask R-CNN, COCO AP")
-    data: str | None = Field(None, description="dataset root: $DETECTRON2_DATASETS-style (VOC2007[/VOC2012] or "
+    data: str | None = Field(None, description="dataset root: $DETECTRON2_DATASETS-style (VOC2007 and VOC2012, or "
                              "coco/), any VOC-layout folder, or a folder with annotations/instances_*.json")
     images: str | None = Field(None, description="coco: image folder of a COCO-json dataset")
     annotations: str | None = Field(None, description="coco: COCO json of --images")
@@ -43,14 +49,14 @@ class TransferDetectConfig(Settings):
     weights: str = Field(..., description="converted .pkl, hnmix/MoCo checkpoint (converted on the fly), a "
                          "detectron2 .pth, or 'none' for the random-init baseline")
     recipe: str | None = Field(None, description="voc: c4 (MoCo R50-C4 24k); coco: c4-1x, c4-2x, fpn-1x, fpn-2x "
-                               "[default: c4 / c4-1x]")
-    masks: bool | None = Field(None, description="coco: Mask R-CNN (segm AP) [default: when the json has masks]")
+                               "(default: c4 / c4-1x)")
+    masks: bool | None = Field(None, description="coco: Mask R-CNN (segm AP) (default: when the json has masks)")
     iters: int | None = Field(None, ge=1, description="training iterations (LR steps scale along) "
-                              "[default: the recipe's]")
-    batch_size: int | None = Field(None, ge=1, description="images per iteration over all GPUs [default: 16]")
-    lr: float | None = Field(None, gt=0, description="base LR [default: 0.02 x batch/16]")
+                              "(default: the recipe's)")
+    batch_size: int | None = Field(None, ge=1, description="images per iteration over all GPUs (default: 16)")
+    lr: float | None = Field(None, gt=0, description="base LR (default: 0.02 x batch/16)")
     input_size: int | None = Field(None, ge=32, description="shorter image side for train and test, e.g. 128 for "
-                                   "CPU checks [default: the recipe's multi-scale sizes]")
+                                   "CPU checks (default: the recipe's multi-scale sizes)")
     smoke: bool = Field(False, description="tiny CPU-sized pipeline check (meaningless AP): 10 iters, batch 2, "
                         "128 px, 32 RoIs/image, 50 test proposals; explicit options and --set still win")
     num_gpus: int = Field(1, ge=1, description="GPUs (processes spawned by detectron2's launch)")

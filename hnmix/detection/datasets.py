@@ -53,11 +53,12 @@ class DatasetPlan:
                 from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
                 register_pascal_voc(s.name, s.args["dirname"], s.args["split"], s.args["year"], VOC_CLASSES)
+                MetadataCatalog.get(s.name).evaluator_type = "pascal_voc"  # as detectron2's builtin sets do
             elif s.kind == "voc-layout":
                 records, classes = s.args["records"], s.args["classes"]
                 DatasetCatalog.register(s.name, lambda r=records, c=classes: load_voc_layout(r, c))
                 MetadataCatalog.get(s.name).set(thing_classes=list(classes), dirname=s.args["eval_dir"],
-                                                split="test", year=2012)
+                                                split="test", year=2012, evaluator_type="pascal_voc")
             else:
                 from detectron2.data.datasets import register_coco_instances
 

@@ -74,6 +74,7 @@ def _setup_logging(output_dir: str, rank: int, verbose: bool) -> None:
 
 
 def _trainer_class(job_verbose: bool = False):
+    from detectron2.data import MetadataCatalog
     from detectron2.engine import DefaultTrainer, HookBase
     from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
     from detectron2.utils import comm
@@ -98,7 +99,7 @@ def _trainer_class(job_verbose: bool = False):
     class Trainer(DefaultTrainer):
         @classmethod
         def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-            if "voc" in dataset_name:
+            if MetadataCatalog.get(dataset_name).get("evaluator_type") == "pascal_voc":
                 return PascalVOCDetectionEvaluator(dataset_name)
             return COCOEvaluator(dataset_name, output_dir=output_folder or str(Path(cfg.OUTPUT_DIR) / "inference"))
 
