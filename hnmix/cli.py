@@ -53,10 +53,13 @@ def user_errors():
 def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
     """A typer option whose help text and shown default come from the pydantic field."""
     f = cls.model_fields[name]
-    default = f.default if f.default is not None else "none"
+    default = f.default
     if isinstance(default, bool):
         default = flags[0].split("/")[0 if default else 1].lstrip("-") if "/" in flags[0] else default
-    help_text = escape(f"{f.description} [default: {default}]")  # typer renders rich markup: keep the brackets
+    shown = "" if default is None else f" [default: {default}]"  # None: the description says what happens
+    if f.is_required():
+        shown = " [required]"
+    help_text = escape(f"{f.description}{shown}")  # typer renders rich markup: keep the brackets
     return typer.Option(*flags, help=help_text, show_default=False, **kwargs)
 
 
@@ -138,6 +141,95 @@ def pretrain(
         from hnmix.train.loop import pretrain as run_pretrain
 
         run_pretrain(cfg)
+
+
+# --------------------------------------------------------------------------------- convert / detection
+
+
+# pydantic models only: importing them loads neither torch nor detectron2
+from hnmix.detection.config import ConvertConfig  # noqa: E402
+from hnmix.detection.config import TransferDetectConfig as DetectCfg  # noqa: E402
+
+
+@app.command()
+def convert(
+    weights: Annotated[str | None, field_option(ConvertConfig, "weights", "--weights", "-w")] = None,
+    to: Annotated[str | None, field_option(ConvertConfig, "to", "--to")] = None,
+    output: Annotated[str | None, field_option(ConvertConfig, "output", "--output", "-o")] = None,
+    arch: Annotated[str | None, field_option(ConvertConfig, "arch", "--arch")] = None,
+) -> None:
+    """Export a pretrained backbone to detectron2 (.pkl + the config keys it needs), timm or torchvision.
+
+    Example: hnmix convert --weights runs/pretrain/last.pt --to detectron2 --output r50.pkl
+    """
+    with user_errors():
+        if weights is None or output is None:
+            raise HnmixError("convert needs --weights FILE and --output FILE")
+        cfg = load_config(ConvertConfig, None, {"weights": weights, "to": to, "output": output, "arch": arch})
+        from hnmix.convert import convert as run_convert
+
+        result = run_convert(cfg.weights, cfg.to, cfg.output, cfg.arch)
+        console = Console()
+        console.print(f"wrote {result.output} ({result.target}, {result.arch or 'arch unknown'}, "
+                      f"from a {result.source} file)", highlight=False)
+        if result.settings_file is not None:
+            import yaml
+
+            console.print(f"detectron2 config keys these weights need (also in {result.settings_file}):")
+            console.print(yaml.safe_dump(result.settings, sort_keys=False, default_flow_style=None).rstrip(), highlight=False)
+
+
+@app.command("transfer-detect")
+def transfer_detect(
+    task: Annotated[str, typer.Argument(help="voc (Faster R-CNN, VOC AP) or coco (Mask R-CNN, COCO AP)")],
+    data: Annotated[str | None, field_option(DetectCfg, "data", "--data")] = None,
+    images: Annotated[str | None, field_option(DetectCfg, "images", "--images")] = None,
+    annotations: Annotated[str | None, field_option(DetectCfg, "annotations", "--annotations")] = None,
+    val_images: Annotated[str | None, field_option(DetectCfg, "val_images", "--val-images")] = None,
+    val_annotations: Annotated[str | None, field_option(DetectCfg, "val_annotations", "--val-annotations")] = None,
+    weights: Annotated[str | None, field_option(DetectCfg, "weights", "--weights", "-w")] = None,
+    recipe: Annotated[str | None, field_option(DetectCfg, "recipe", "--recipe")] = None,
+    masks: Annotated[bool | None, field_option(DetectCfg, "masks", "--masks/--no-masks")] = None,
+    iters: Annotated[int | None, field_option(DetectCfg, "iters", "--iters")] = None,
+    batch_size: Annotated[int | None, field_option(DetectCfg, "batch_size", "--batch-size")] = None,
+    lr: Annotated[float | None, field_option(DetectCfg, "lr", "--lr")] = None,
+    input_size: Annotated[int | None, field_option(DetectCfg, "input_size", "--input-size")] = None,
+    smoke: Annotated[bool | None, field_option(DetectCfg, "smoke", "--smoke/--no-smoke")] = None,
+    num_gpus: Annotated[int | None, field_option(DetectCfg, "num_gpus", "--num-gpus")] = None,
+    device: Annotated[str | None, field_option(DetectCfg, "device", "--device")] = None,
+    workers: Annotated[int | None, field_option(DetectCfg, "workers", "--workers")] = None,
+    trials: Annotated[int | None, field_option(DetectCfg, "trials", "--trials")] = None,
+    seed: Annotated[int | None, field_option(DetectCfg, "seed", "--seed")] = None,
+    val_fraction: Annotated[float | None, field_option(DetectCfg, "val_fraction", "--val-fraction")] = None,
+    split_seed: Annotated[int | None, field_option(DetectCfg, "split_seed", "--split-seed")] = None,
+    output: Annotated[str | None, field_option(DetectCfg, "output", "--output", "-o")] = None,
+    resume: Annotated[bool | None, field_option(DetectCfg, "resume", "--resume/--no-resume")] = None,
+    eval_only: Annotated[bool | None, field_option(DetectCfg, "eval_only", "--eval-only/--no-eval-only")] = None,
+    verbose: Annotated[bool | None, field_option(DetectCfg, "verbose", "--verbose/--quiet")] = None,
+    config: ConfigOpt = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="raw detectron2 config override KEY=VALUE, e.g. --set MODEL.RPN.POST_NMS_TOPK_TEST=100 "
+        "(repeatable)")] = None,
+) -> None:
+    """Fine-tune and evaluate on detection with detectron2: the MoCo recipes (VOC R50-C4, COCO Mask R-CNN).
+
+    Example: hnmix transfer-detect voc --data datasets/ --weights r50.pkl --trials 5
+    """
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "set_")}
+    overrides["d2_sets"] = set_ or None
+    with user_errors():
+        cfg = load_config(DetectCfg, config, overrides)
+        from hnmix.detection.train import transfer_detect as run_transfer
+
+        run_transfer(cfg)
+
+
+@app.command()
+def doctor() -> None:
+    """Check the installation: versions of torch, CUDA, GPU, timm, pydantic, detectron2 (and its C++ ops)."""
+    from hnmix.doctor import run_doctor
+
+    raise typer.Exit(run_doctor())
 
 
 def main() -> None:

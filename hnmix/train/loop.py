@@ -293,7 +293,7 @@ class Trainer:
             msg += f"  syn logit {record['logit_syn']:.3f}"
         if skipped:
             msg += f"  [yellow]skipped {skipped} unreadable images[/]"
-        self.console.print(msg, highlight=False)  # above the live bar in a terminal: a per-epoch history
+        self.console.print(msg, highlight=False, soft_wrap=True)  # above the live bar in a terminal: a per-epoch history
 
     def _save(self, epoch_end: bool) -> None:
         if not self.info.is_main:
