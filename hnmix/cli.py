@@ -12,6 +12,7 @@ from rich.console import Console
 
 from hnmix.config import PretrainConfig, load_config
 from hnmix.errors import HnmixError
+from hnmix.eval.config import LinevalConfig
 
 app = typer.Typer(
     help="Self-supervised pretraining with hard negatives: pretrain, evaluate, analyse, transfer.",
@@ -59,6 +60,7 @@ def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
 
 
 P = PretrainConfig
+L = LinevalConfig
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings (CLI flags override it)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any setting: --set key=value (repeatable)")]
 
@@ -107,6 +109,40 @@ def pretrain(
         from hnmix.train.loop import pretrain as run_pretrain
 
         run_pretrain(cfg)
+
+
+@app.command()
+def lineval(
+    weights: Annotated[str | None, field_option(L, "weights", "--weights", "-w")] = None,
+    protocol: Annotated[str | None, field_option(L, "protocol", "--protocol")] = None,
+    data: Annotated[str | None, field_option(L, "data", "--data")] = None,
+    train: Annotated[str | None, field_option(L, "train", "--train")] = None,
+    val: Annotated[str | None, field_option(L, "val", "--val")] = None,
+    arch: Annotated[str | None, field_option(L, "arch", "--arch")] = None,
+    cifar_stem: Annotated[bool | None, field_option(L, "cifar_stem", "--cifar-stem/--no-cifar-stem")] = None,
+    image_size: Annotated[int | None, field_option(L, "image_size", "--image-size")] = None,
+    epochs: Annotated[int | None, field_option(L, "epochs", "--epochs")] = None,
+    batch_size: Annotated[int | None, field_option(L, "batch_size", "--batch-size")] = None,
+    lr: Annotated[float | None, field_option(L, "lr", "--lr")] = None,
+    wd: Annotated[float | None, field_option(L, "wd", "--wd")] = None,
+    knn_k: Annotated[int | None, field_option(L, "knn_k", "--knn-k")] = None,
+    knn_t: Annotated[float | None, field_option(L, "knn_t", "--knn-t")] = None,
+    workers: Annotated[int | None, field_option(L, "workers", "--workers")] = None,
+    device: Annotated[str | None, field_option(L, "device", "--device")] = None,
+    seed: Annotated[int | None, field_option(L, "seed", "--seed")] = None,
+    output: Annotated[str | None, field_option(L, "output", "--output", "-o")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate frozen backbone weights: linear classifier (moco / fast protocol) or weighted kNN.
+
+    Example: hnmix lineval --weights runs/demo/last.pt --data demo --protocol fast
+    """
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "set_")}
+    with user_errors():
+        from hnmix.eval.lineval import lineval as run_lineval
+
+        run_lineval(load_config(LinevalConfig, config, overrides, set_))
 
 
 def main() -> None:
