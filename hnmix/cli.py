@@ -96,6 +96,8 @@ def pretrain(
     resume: Annotated[str | None, field_option(P, "resume", "--resume")] = None,
     save_every: Annotated[int | None, field_option(P, "save_every", "--save-every")] = None,
     skip_corrupt: Annotated[bool | None, field_option(P, "skip_corrupt", "--skip-corrupt/--no-skip-corrupt")] = None,
+    knn_every: Annotated[int | None, field_option(P, "knn_every", "--knn-every")] = None,
+    knn_data: Annotated[str | None, field_option(P, "knn_data", "--knn-data")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
