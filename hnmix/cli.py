@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from hnmix.analyze.config import AnalyzeConfig
 from hnmix.config import PretrainConfig, load_config
 from hnmix.errors import HnmixError
 from hnmix.eval.config import LinevalConfig
@@ -61,6 +63,7 @@ def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
 
 P = PretrainConfig
 L = LinevalConfig
+A = AnalyzeConfig
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings (CLI flags override it)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any setting: --set key=value (repeatable)")]
 
@@ -145,6 +148,48 @@ def lineval(
         from hnmix.eval.lineval import lineval as run_lineval
 
         run_lineval(load_config(LinevalConfig, config, overrides, set_))
+
+
+@app.command()
+def analyze(
+    metric: Annotated[str, typer.Argument(help="uniformity, alignment, false-negatives, hardness, proxy-accuracy, "
+                                               "separation, or all")],
+    more_weights: Annotated[list[str] | None, typer.Argument(hidden=True)] = None,
+    weights: Annotated[list[str] | None, field_option(A, "weights", "--weights", "-w")] = None,
+    data: Annotated[str | None, field_option(A, "data", "--data")] = None,
+    split: Annotated[str | None, field_option(A, "split", "--split")] = None,
+    features: Annotated[str | None, field_option(A, "features", "--features")] = None,
+    arch: Annotated[str | None, field_option(A, "arch", "--arch")] = None,
+    cifar_stem: Annotated[bool | None, field_option(A, "cifar_stem", "--cifar-stem/--no-cifar-stem")] = None,
+    image_size: Annotated[int | None, field_option(A, "image_size", "--image-size")] = None,
+    max_images: Annotated[int | None, field_option(A, "max_images", "--max-images")] = None,
+    top_k: Annotated[int | None, field_option(A, "top_k", "--top-k")] = None,
+    temperature: Annotated[float | None, field_option(A, "temperature", "--temperature")] = None,
+    memory: Annotated[str | None, field_option(A, "memory", "--memory")] = None,
+    batch_size: Annotated[int | None, field_option(A, "batch_size", "--batch-size")] = None,
+    workers: Annotated[int | None, field_option(A, "workers", "--workers")] = None,
+    device: Annotated[str | None, field_option(A, "device", "--device")] = None,
+    seed: Annotated[int | None, field_option(A, "seed", "--seed")] = None,
+    output: Annotated[str | None, field_option(A, "output", "--output", "-o")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print analysis.json to stdout (messages go to "
+                                                         "stderr)")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Measure what pretraining did to the feature space; one PNG per metric, one series per weights file.
+
+    Example: hnmix analyze all --weights runs/moco/last.pt runs/mochi/last.pt --data demo --output runs/cmp
+    """
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "set_", "more_weights", "as_json")}
+    if weights or more_weights:  # `--weights A B` leaves B as a positional argument: gather both
+        overrides["weights"] = [*(weights or []), *(more_weights or [])]
+    with user_errors():
+        from hnmix.analyze.run import analyze as run_analyze
+
+        report = run_analyze(load_config(AnalyzeConfig, config, overrides, set_),
+                             Console(stderr=True) if as_json else None)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
 
 
 def main() -> None:

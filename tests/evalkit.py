@@ -41,6 +41,7 @@ def tiny_moco(seed: int = 0, K: int = 32, dim: int = 16) -> MoCo:
 def save_hnmix_checkpoint(path: Path, model: MoCo, **config) -> Path:
     cfg = {"arch": "test_resnet", "cifar_stem": False, "image_size": 16, "dim": model.queue.shape[1],
            "queue_size": model.K, "temperature": model.T, "mlp": True, "method": "moco", **config}
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": "hnmix-checkpoint", "model": model.state_dict(), "config": cfg, "epoch": 3, "step": 30},
                path)
     return path
