@@ -154,7 +154,7 @@ def lineval(
 def analyze(
     metric: Annotated[str, typer.Argument(help="uniformity, alignment, false-negatives, hardness, proxy-accuracy, "
                                                "separation, or all")],
-    more_weights: Annotated[list[str] | None, typer.Argument(hidden=True)] = None,
+    more_weights: Annotated[list[str] | None, typer.Argument(hidden=True, metavar="W2")] = None,
     weights: Annotated[list[str] | None, field_option(A, "weights", "--weights", "-w")] = None,
     data: Annotated[str | None, field_option(A, "data", "--data")] = None,
     split: Annotated[str | None, field_option(A, "split", "--split")] = None,

@@ -21,11 +21,12 @@ KNN_T = 0.1
 
 
 def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-               k: int = KNN_K, t: float = KNN_T, chunk: int = 1024) -> torch.Tensor:
+               k: int = KNN_K, t: float = KNN_T, chunk: int | None = None) -> torch.Tensor:
     """(Q, C) class votes; features need not be normalised (they are here). k is capped at the bank size."""
     bank = F.normalize(bank.float(), dim=1)
     queries = F.normalize(queries.float(), dim=1)
     k = min(k, bank.shape[0])
+    chunk = chunk or max(1, 2**27 // bank.shape[0])  # similarity blocks of at most 2^27 floats (512 MB)
     out = []
     for start in range(0, queries.shape[0], chunk):
         sim, idx = (queries[start:start + chunk] @ bank.T).topk(k, dim=1)
