@@ -217,7 +217,7 @@ def test_data_problems(runner, tmp_path, checkpoint):
 
 
 def test_protocols_never_share_an_output(runner, tmp_path, checkpoint):
-    out = ["-o", str(tmp_path / "o"), "--weights", str(checkpoint), "--data", "demo"]
+    out = ["-o", str(tmp_path / "o"), "--weights", str(checkpoint), "--data", str(write_brightness_dataset(tmp_path))]
     assert run_lineval(runner, *out, "--protocol", "knn").exit_code == 0
     assert_clean_error(run_lineval(runner, *out, "--protocol", "fast"), "holds results of the knn protocol")
     assert run_lineval(runner, *out, "--protocol", "knn").exit_code == 0  # same protocol: rerun in place

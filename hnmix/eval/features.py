@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,8 @@ def eval_progress(console: Console) -> Progress:
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, shuffle: bool = False,
                 generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    # more workers than cores or than batches only adds process start-up time
+    workers = min(workers, os.cpu_count() or 1, math.ceil(len(dataset) / batch_size))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
         pin_memory=device.type == "cuda", persistent_workers=False,
