@@ -51,20 +51,28 @@ def _hist(ax, values, color, label, bins):
             color=color, label=label)
 
 
+def _distance_bins(arrays) -> np.ndarray:
+    """Squared distances of unit vectors lie in [0, 4]; zoom in when every series sits low (a collapse)."""
+    top = max(float(np.quantile(np.asarray(a.cpu(), dtype=np.float64), 0.999)) for a in arrays)
+    return np.linspace(0, min(4.0, max(0.05, 1.1 * top)), 61)
+
+
 def plot_uniformity(results, colors, cfg_t: float):
     fig, ax = _figure(f"Uniformity: log E exp(-{cfg_t:g}·||f(x)-f(y)||²), lower = more uniform",
                       "squared distance between random pairs of images", "density")
+    bins = _distance_bins([r["_pair_sq"] for r in results])
     for r, c in zip(results, colors, strict=True):
-        _hist(ax, r["_pair_sq"], c, f"{r['label']}: {r['uniformity']:.3f}", np.linspace(0, 4, 61))
+        _hist(ax, r["_pair_sq"], c, f"{r['label']}: {r['uniformity']:.3f}", bins)
     return fig, ax
 
 
 def plot_alignment(results, colors):
     fig, ax = _figure("Alignment: E ||f(x)-f(x')||² over two views, lower = better aligned",
                       "squared distance between two augmentations of an image", "density")
+    bins = _distance_bins([r["_positive_sq"] for r in results])
     for r, c in zip(results, colors, strict=True):
         extra = f", same-class {r['class_alignment']:.3f}" if "class_alignment" in r else ""
-        _hist(ax, r["_positive_sq"], c, f"{r['label']}: {r['alignment']:.3f}{extra}", np.linspace(0, 4, 61))
+        _hist(ax, r["_positive_sq"], c, f"{r['label']}: {r['alignment']:.3f}{extra}", bins)
     return fig, ax
 
 
