@@ -50,8 +50,8 @@ def checkpoint(tmp_path):
 # ------------------------------------------------------------------ the classifier alone, on fixed features
 
 
-def fit(train_x, train_y, val_x, val_y, tmp_path, epochs=30):
-    cfg = LinevalConfig.model_construct(epochs=epochs, batch_size=32, lr=0.5, sgd_momentum=0.9, wd=0.0,
+def fit(train_x, train_y, val_x, val_y, tmp_path, epochs=30, lr=0.5, console=None):
+    cfg = LinevalConfig.model_construct(epochs=epochs, batch_size=32, lr=lr, sgd_momentum=0.9, wd=0.0,
                                         schedule=[20], eval_every=10)
     torch.manual_seed(0)
     fc = linear_classifier(train_x.shape[1], int(train_y.max()) + 1)
@@ -66,7 +66,7 @@ def fit(train_x, train_y, val_x, val_y, tmp_path, epochs=30):
 
     log = MetricsLog(tmp_path, False)
     history = train_linear(fc, batches, lambda: batched_topk(fc, val_x, val_y), -(-len(train_y) // 32), cfg, log,
-                           Console(quiet=True), Progress(disable=True))
+                           console or Console(quiet=True), Progress(disable=True))
     return history
 
 
@@ -83,6 +83,19 @@ def test_separable_features_reach_high_accuracy_and_random_features_do_not(tmp_p
     assert control[-1]["top1"] < 40  # chance is 25 %
     assert [r["epoch"] for r in separable if "top1" in r] == [10, 20, 30]
     assert separable[-1]["lr"] == pytest.approx(0.5 * 32 / 256 * 0.1)  # effective lr, x0.1 after epoch 20
+
+
+def test_an_lr_far_too_large_for_the_feature_scale_is_flagged(tmp_path):
+    from rich.console import Console
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.arange(64) % 2
+    quiet = Console(record=True, width=200)
+    fit(x, y, x, y, tmp_path, epochs=1, lr=0.5, console=quiet)
+    assert "warning" not in quiet.export_text()
+    loud = Console(record=True, width=200)
+    fit(x * 1000, y, x * 1000, y, tmp_path, epochs=1, lr=30, console=loud)
+    assert "consider a lower --lr" in loud.export_text()
 
 
 def test_classifier_init_is_moco_normal_001():

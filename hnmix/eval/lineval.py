@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -96,6 +97,10 @@ def train_linear(fc: nn.Linear, batches, evaluate, steps_per_epoch: int, cfg: Li
         if not torch.isfinite(torch.tensor(record["loss"])):
             raise HnmixError(f"non-finite classifier loss at epoch {epoch} (effective lr {effective_lr(cfg):.4g}):"
                              " lower --lr")
+        if epoch == 1 and record["loss"] > 10 * math.log(fc.out_features):
+            console.print(f"[yellow]warning:[/] classifier loss {record['loss']:.3g} after one epoch (chance "
+                          f"{math.log(fc.out_features):.2f}): the effective lr {effective_lr(cfg):.4g} is large for "
+                          "features of this scale (MoCo's 30 suits ResNet-50 on ImageNet); consider a lower --lr")
         log.write(record)
         history.append(record)
         acc = f"  top-1 {record['top1']:.2f}  top-5 {record['top5']:.2f}" if "top1" in record else ""
