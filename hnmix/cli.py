@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,8 +12,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from hnmix.analyze.config import AnalyzeConfig
 from hnmix.config import PretrainConfig, load_config
 from hnmix.errors import HnmixError
+from hnmix.eval.config import LinevalConfig
 
 app = typer.Typer(
     help="Self-supervised pretraining with hard negatives: pretrain, evaluate, analyse, transfer.",
@@ -65,6 +68,8 @@ def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
 
 P = PretrainConfig
 HN, MOCHI, SYNCO, RING = "Hard negatives", "MoCHi (--method mochi)", "SynCo (--method synco)", "Ring (--method ring)"
+L = LinevalConfig
+A = AnalyzeConfig
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of settings (CLI flags override it)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any setting: --set key=value (repeatable)")]
 
@@ -122,6 +127,8 @@ def pretrain(
     resume: Annotated[str | None, field_option(P, "resume", "--resume")] = None,
     save_every: Annotated[int | None, field_option(P, "save_every", "--save-every")] = None,
     skip_corrupt: Annotated[bool | None, field_option(P, "skip_corrupt", "--skip-corrupt/--no-skip-corrupt")] = None,
+    knn_every: Annotated[int | None, field_option(P, "knn_every", "--knn-every")] = None,
+    knn_data: Annotated[str | None, field_option(P, "knn_data", "--knn-data")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -141,6 +148,82 @@ def pretrain(
         from hnmix.train.loop import pretrain as run_pretrain
 
         run_pretrain(cfg)
+
+
+@app.command()
+def lineval(
+    weights: Annotated[str | None, field_option(L, "weights", "--weights", "-w")] = None,
+    protocol: Annotated[str | None, field_option(L, "protocol", "--protocol")] = None,
+    data: Annotated[str | None, field_option(L, "data", "--data")] = None,
+    train: Annotated[str | None, field_option(L, "train", "--train")] = None,
+    val: Annotated[str | None, field_option(L, "val", "--val")] = None,
+    arch: Annotated[str | None, field_option(L, "arch", "--arch")] = None,
+    cifar_stem: Annotated[bool | None, field_option(L, "cifar_stem", "--cifar-stem/--no-cifar-stem")] = None,
+    image_size: Annotated[int | None, field_option(L, "image_size", "--image-size")] = None,
+    epochs: Annotated[int | None, field_option(L, "epochs", "--epochs")] = None,
+    batch_size: Annotated[int | None, field_option(L, "batch_size", "--batch-size")] = None,
+    lr: Annotated[float | None, field_option(L, "lr", "--lr")] = None,
+    wd: Annotated[float | None, field_option(L, "wd", "--wd")] = None,
+    knn_k: Annotated[int | None, field_option(L, "knn_k", "--knn-k")] = None,
+    knn_t: Annotated[float | None, field_option(L, "knn_t", "--knn-t")] = None,
+    workers: Annotated[int | None, field_option(L, "workers", "--workers")] = None,
+    device: Annotated[str | None, field_option(L, "device", "--device")] = None,
+    seed: Annotated[int | None, field_option(L, "seed", "--seed")] = None,
+    output: Annotated[str | None, field_option(L, "output", "--output", "-o")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate frozen backbone weights: linear classifier (moco / fast protocol) or weighted kNN.
+
+    Example: hnmix lineval --weights runs/demo/last.pt --data demo --protocol fast
+    """
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "set_")}
+    with user_errors():
+        from hnmix.eval.lineval import lineval as run_lineval
+
+        run_lineval(load_config(LinevalConfig, config, overrides, set_))
+
+
+@app.command()
+def analyze(
+    metric: Annotated[str, typer.Argument(help="uniformity, alignment, false-negatives, hardness, proxy-accuracy, "
+                                               "separation, or all")],
+    more_weights: Annotated[list[str] | None, typer.Argument(hidden=True, metavar="W2")] = None,
+    weights: Annotated[list[str] | None, field_option(A, "weights", "--weights", "-w")] = None,
+    data: Annotated[str | None, field_option(A, "data", "--data")] = None,
+    split: Annotated[str | None, field_option(A, "split", "--split")] = None,
+    features: Annotated[str | None, field_option(A, "features", "--features")] = None,
+    arch: Annotated[str | None, field_option(A, "arch", "--arch")] = None,
+    cifar_stem: Annotated[bool | None, field_option(A, "cifar_stem", "--cifar-stem/--no-cifar-stem")] = None,
+    image_size: Annotated[int | None, field_option(A, "image_size", "--image-size")] = None,
+    max_images: Annotated[int | None, field_option(A, "max_images", "--max-images")] = None,
+    top_k: Annotated[int | None, field_option(A, "top_k", "--top-k")] = None,
+    temperature: Annotated[float | None, field_option(A, "temperature", "--temperature")] = None,
+    memory: Annotated[str | None, field_option(A, "memory", "--memory")] = None,
+    batch_size: Annotated[int | None, field_option(A, "batch_size", "--batch-size")] = None,
+    workers: Annotated[int | None, field_option(A, "workers", "--workers")] = None,
+    device: Annotated[str | None, field_option(A, "device", "--device")] = None,
+    seed: Annotated[int | None, field_option(A, "seed", "--seed")] = None,
+    output: Annotated[str | None, field_option(A, "output", "--output", "-o")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print analysis.json to stdout (messages go to "
+                                                         "stderr)")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Measure what pretraining did to the feature space; one PNG per metric, one series per weights file.
+
+    Example: hnmix analyze all --weights runs/moco/last.pt runs/mochi/last.pt --data demo --output runs/cmp
+    """
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "set_", "more_weights", "as_json")}
+    if weights or more_weights:  # `--weights A B` leaves B as a positional argument: gather both
+        overrides["weights"] = [*(weights or []), *(more_weights or [])]
+    with user_errors():
+        from hnmix.analyze.run import analyze as run_analyze
+
+        report = run_analyze(load_config(AnalyzeConfig, config, overrides, set_),
+                             Console(stderr=True) if as_json else None)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
 
 
 # --------------------------------------------------------------------------------- convert / detection

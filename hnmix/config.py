@@ -93,11 +93,19 @@ class PretrainConfig(Settings):
     save_every: int = Field(0, ge=0, description="also checkpoint every this many steps (0 = each epoch end only)")
     keep_every: int = Field(0, ge=0, description="keep a copy epoch_NNNN.pt every this many epochs (0 = none)")
     log_every: int = Field(10, ge=1, description="steps between metric read-backs (metrics.jsonl, TensorBoard)")
+    knn_every: int = Field(0, ge=0, description="run the kNN monitor every this many epochs (0 = off)")
+    knn_data: str | None = Field(None, description="kNN monitor data: 'demo' or a root holding train/ (bank) and "
+                                 "val/ (queries); default: --data")
 
     @field_validator("data")
     @classmethod
     def _data_exists(cls, v: str) -> str:
         return _check_data_path(v)
+
+    @field_validator("knn_data")
+    @classmethod
+    def _knn_data_exists(cls, v: str | None) -> str | None:
+        return v if v is None else _check_data_path(v)
 
     @field_validator("arch")
     @classmethod

@@ -26,8 +26,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, enabled: bool, prefix: str = "pretrain"):
+        self.enabled, self.prefix = enabled, prefix
         self.file = None
         self.tb = None
         if enabled:
@@ -48,7 +48,7 @@ class MetricsLog:
         if self.tb is not None:
             for key, value in clean.items():
                 if key != "step" and isinstance(value, int | float):
-                    self.tb.add_scalar(f"pretrain/{key}", value, record["step"])
+                    self.tb.add_scalar(f"{self.prefix}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self.file:

@@ -18,6 +18,7 @@ from hnmix.config import PretrainConfig
 from hnmix.data.augment import Normalize
 from hnmix.data.pretrain import RunBatches, TwoViews, open_images, sample_seed
 from hnmix.errors import HnmixError
+from hnmix.eval.knn import KnnMonitor, print_knn
 from hnmix.models.backbone import convert_split_bn, count_batchnorms, create_backbone
 from hnmix.models.moco import STAT_NAMES, MoCo
 from hnmix.negatives import build_strategy
@@ -143,6 +144,8 @@ class Trainer:
         if cfg.oracle_labels and min(images.labels) < 0:
             raise HnmixError("--oracle-labels needs labelled data (an ImageFolder: one sub-folder per class)")
         self.dataset = TwoViews(images, cfg.image_size, cfg.seed, cfg.skip_corrupt)
+        self.knn = KnnMonitor(cfg.knn_data or cfg.data, cfg.image_size, self.local_batch, cfg.workers) \
+            if cfg.knn_every else None
         self.model = build_model(cfg, self.bn_mode, self.splits, info.world, self.console).to(info.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -203,6 +206,8 @@ class Trainer:
                       f"m={cfg.momentum}, T={cfg.temperature}"),
             ("output", str(self.out)),
         ]
+        if self.knn:
+            rows.insert(-1, ("kNN monitor", self.knn.describe(cfg.knn_every)))
         for k, v in rows:
             t.add_row(k, v)
         self.console.print(t)
@@ -259,6 +264,7 @@ class Trainer:
                     if epoch_end:
                         self._epoch_summary(record, skipped)
                         skipped = 0
+                        self._knn_monitor(log, meter)
                     if saving:
                         self._save(epoch_end)
         finally:
@@ -294,6 +300,17 @@ class Trainer:
         if skipped:
             msg += f"  [yellow]skipped {skipped} unreadable images[/]"
         self.console.print(msg, highlight=False, soft_wrap=True)  # above the live bar in a terminal: a per-epoch history
+
+    def _knn_monitor(self, log: MetricsLog, meter: Meter) -> None:
+        """kNN accuracy of the query backbone every --knn-every epochs; every rank extracts a share."""
+        epoch = self.step // (len(self.dataset) // self.cfg.batch_size)
+        if self.knn is None or epoch % self.cfg.knn_every:
+            return
+        with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not shift the run's RNG stream
+            result = self.knn(self.model.encoder_q.backbone, self.normalize, self.info.device, self.dtype)
+        log.write({"step": self.step, "epoch": epoch, **result})
+        print_knn(self.console, epoch, result)
+        meter.since = time.perf_counter()  # the monitor's time is not training throughput
 
     def _save(self, epoch_end: bool) -> None:
         if not self.info.is_main:

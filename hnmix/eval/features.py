@@ -1,0 +1,109 @@
+"""Batched feature extraction with a frozen network (eval mode, no grad), sharded over DDP ranks if any."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+
+from hnmix.data.labelled import Labelled
+from hnmix.errors import HnmixError
+from hnmix.models.moco import all_gather, rank_and_world
+
+
+def resolve_device(pref: str) -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise HnmixError("--device cuda was asked for, but no CUDA device is available")
+    if pref == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 autocast for the frozen forward on GPU ('auto'), fp32 elsewhere; classifiers always train in fp32."""
+    choice = precision if precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp32": None}[choice]
+
+
+def eval_progress(console: Console) -> Progress:
+    """A progress bar with ETA; silent when the console is not a terminal (logs get plain lines instead)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, transient=False, disable=not console.is_terminal,
+    )
+
+
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    # more workers than cores or than batches only adds process start-up time
+    workers = min(workers, os.cpu_count() or 1, math.ceil(len(dataset) / batch_size))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    model: Callable[[torch.Tensor], torch.Tensor], dataset, *, batch_size: int, workers: int,
+    device: torch.device, normalize: nn.Module, dtype: torch.dtype | None = None,
+    progress: Progress | None = None, description: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) float32 features on `device` and (N,) labels, in dataset order; modules run in eval mode."""
+    modules = [model] if isinstance(model, nn.Module) else []
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    loader = make_loader(dataset, batch_size, workers, device)
+    task = progress.add_task(description, total=len(loader), info="") if progress else None
+    feats, labels = [], []
+    try:
+        for x, y in loader:
+            x = normalize(x.to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                feats.append(model(x).float())
+            labels.append(y.to(device, non_blocking=True))
+            if task is not None:
+                progress.advance(task)
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    if not feats:
+        raise HnmixError("no images to extract features from")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def rank_shard(n: int, rank: int, world: int, pad: bool) -> list[int]:
+    """Indices rank, rank + world, ...; padded with repeats to ceil(n / world) so all_gather shapes match."""
+    indices = list(range(rank, n, world))
+    if pad:
+        indices += (indices or [0])[-1:] * (math.ceil(n / world) - len(indices))
+    return indices
+
+
+def extract_all_ranks(model, images, transform, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image in order, each rank extracting 1/world of them (identity without DDP)."""
+    rank, world = rank_and_world()
+    n = len(images)
+    feats, labels = extract_features(model, Labelled(images, transform, rank_shard(n, rank, world, pad=world > 1)),
+                                     **kwargs)
+    if world == 1:
+        return feats, labels
+    # gathered rows are rank-major; image i*world + r sits at row r*per + i
+    per = feats.shape[0]
+    feats = all_gather(feats).view(world, per, -1).transpose(0, 1).reshape(world * per, -1)[:n]
+    labels = all_gather(labels).view(world, per).T.reshape(-1)[:n]
+    return feats, labels
