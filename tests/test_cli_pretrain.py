@@ -54,6 +54,7 @@ def test_mochi_start_epoch_gates_synthetic_negatives(runner, tmp_path):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert ["logit_syn" in r for r in records] == [False, False, True, True, True, True]
+    assert "holds more than half the dataset" in result.stdout  # K=32 for 16 images
 
 
 def test_yaml_config_and_set_overrides(runner, tmp_path):

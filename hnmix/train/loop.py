@@ -144,6 +144,10 @@ class Trainer:
         if cfg.oracle_labels and min(images.labels) < 0:
             raise HnmixError("--oracle-labels needs labelled data (an ImageFolder: one sub-folder per class)")
         self.dataset = TwoViews(images, cfg.image_size, cfg.seed, cfg.skip_corrupt)
+        if cfg.queue_size > len(images) // 2:  # MoCo assumes K << dataset size
+            self.console.print(f"[yellow]warning:[/] the queue (K={cfg.queue_size}) holds more than half the dataset "
+                               f"({len(images)} images): queries often meet a stale key of their own image among "
+                               f"the negatives; a smaller --queue-size learns faster here", soft_wrap=True)
         self.knn = KnnMonitor(cfg.knn_data or cfg.data, cfg.image_size, self.local_batch, cfg.workers) \
             if cfg.knn_every else None
         self.model = build_model(cfg, self.bn_mode, self.splits, info.world, self.console).to(info.device)
