@@ -109,6 +109,7 @@ def pretrain(
     cos: Annotated[bool | None, field_option(P, "cos", "--cos/--no-cos")] = None,
     image_size: Annotated[int | None, field_option(P, "image_size", "--image-size")] = None,
     workers: Annotated[int | None, field_option(P, "workers", "--workers")] = None,
+    data_on_gpu: Annotated[str | None, field_option(P, "data_on_gpu", "--data-on-gpu")] = None,
     seed: Annotated[int | None, field_option(P, "seed", "--seed")] = None,
     bn: Annotated[str | None, field_option(P, "bn", "--bn")] = None,
     precision: Annotated[str | None, field_option(P, "precision", "--precision")] = None,

@@ -37,6 +37,10 @@ class PretrainConfig(Settings):
                       "(searched recursively), or 'demo' for the built-in dataset")
     image_size: int = Field(224, ge=8, description="crop size in pixels")
     workers: int = Field(8, ge=0, description="data-loader worker processes per rank")
+    data_on_gpu: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode the dataset once (cached on disk), hold it on the device and augment whole "
+        "batches there, without loader workers; auto = on for a CUDA device when the images are <= 256 px and "
+        "fit a quarter of its memory")
     skip_corrupt: bool = Field(False, description="replace unreadable images by the next one (counted) "
                                "instead of stopping")
     # model
@@ -157,6 +161,7 @@ class PretrainConfig(Settings):
     @property
     def bn_splits(self) -> int | None:
         return int(self.bn[6:]) if self.bn.startswith("split:") else None
+
 
 
 # --------------------------------------------------------------------------------------------- loading
