@@ -163,6 +163,32 @@ class PretrainConfig(Settings):
         return int(self.bn[6:]) if self.bn.startswith("split:") else None
 
 
+SYNTHETIC = "synthetic"
+
+
+class BenchConfig(PretrainConfig):
+    """`hnmix bench`: a pretraining configuration plus how to time its step."""
+
+    data: str = Field(SYNTHETIC, description="'synthetic' (random views already on the device: the compute "
+                      "ceiling), 'demo', or an image folder (as pretrain --data)")
+    steps: int = Field(20, ge=1, description="timed steps per repeat")
+    warmup: int = Field(5, ge=0, description="untimed steps first (allocator, cuDNN autotuning, loader start)")
+    repeats: int = Field(1, ge=1, description="timed blocks; the median is reported (for noisy, shared machines)")
+    ceiling: bool = Field(True, description="with a dataset, also time synthetic views: the compute ceiling")
+    mochi_naive: bool = Field(False, description="MoCHi in the naive form (materialised (B, s, D) points), to "
+                              "measure what the fused form saves")
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, v: str) -> str:
+        return v if v == SYNTHETIC else _check_data_path(v)
+
+    @model_validator(mode="after")
+    def _naive_is_mochi(self) -> BenchConfig:
+        if self.mochi_naive and self.method != "mochi":
+            raise ValueError("--mochi-naive needs --method mochi")
+        return self
+
 
 # --------------------------------------------------------------------------------------------- loading
 
