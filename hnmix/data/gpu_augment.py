@@ -15,6 +15,7 @@ sample's views do not depend on how the batch is split over ranks.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -59,6 +60,12 @@ def draw_augment(n: int, *, generator: torch.Generator | None = None, device=Non
         jitter_factors=torch.rand(n, 4, **kw), gray=torch.rand(n, **kw), blur=torch.rand(n, **kw),
         sigma=torch.rand(n, **kw), flip=torch.rand(n, **kw),
     )
+
+
+@functools.cache
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant made once per device: torch.tensor(..., device=cuda) in a step would wait for it."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------- crop
@@ -110,7 +117,7 @@ def _per_sample(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """(n, 1, H, W) luma of (n, 3, H, W) floats."""
-    return (x * torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * _constant(GRAY_WEIGHTS, x.dtype, x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def blend(x: torch.Tensor, other: torch.Tensor, factor) -> torch.Tensor:
@@ -140,7 +147,7 @@ def adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     diffs = x - x.roll(-1, dims=1)  # r - g, g - b, b - r
     h6 = diffs.gather(1, (top + 1) % 3) / torch.where(span == 0, 1.0, span) + 2 * top
     h6 = (h6 + 6 * _per_sample(shift, x)).remainder(6)
-    k = (torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) + h6).remainder(6)
+    k = (_constant((5.0, 3.0, 1.0), x.dtype, x.device).view(1, 3, 1, 1) + h6).remainder(6)
     return maxc - span * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -220,8 +227,9 @@ def augment(images: torch.Tensor, draws: AugDraws, size: int, *, source: torch.T
     x = color_jitter(x, draws)
     x = torch.where((draws.gray < P_GRAY).reshape(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
     sigma = SIGMA[0] + (SIGMA[1] - SIGMA[0]) * draws.sigma.to(x.dtype)
-    identity = F.one_hot(torch.tensor(blur_kernel(size) // 2, device=device), blur_kernel(size)).to(x.dtype)
-    kernels = torch.where((draws.blur < P_BLUR)[:, None], gaussian_kernels(sigma, blur_kernel(size)), identity)
+    width = blur_kernel(size)
+    identity = _constant(tuple(float(i == width // 2) for i in range(width)), x.dtype, device)
+    kernels = torch.where((draws.blur < P_BLUR)[:, None], gaussian_kernels(sigma, width), identity)
     x = gaussian_blur(x, kernels)
     return flip(x, draws.flip < P_FLIP)
 
