@@ -107,6 +107,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "arch": cfg.arch + (" + CIFAR stem" if cfg.cifar_stem else ""), "image_size": cfg.image_size,
         "batch_size": cfg.batch_size, "method": describe_method(cfg) + (" [naive]" if cfg.mochi_naive else ""),
         "queue_size": cfg.queue_size, "precision": str(trainer.dtype or "fp32").replace("torch.", ""),
+        "compiled": cfg.compile,
         "data": SYNTHETIC if synthetic else f"{cfg.data}: {trainer.data_source}",
         "torch_threads": torch.get_num_threads() if info.device.type == "cpu" else None,
     }
@@ -134,7 +135,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def print_table(result: dict, console: Console) -> None:
     t = Table(title="hnmix bench", show_header=False, title_justify="left")
-    for key in ("device", "arch", "image_size", "batch_size", "method", "queue_size", "precision", "data"):
+    for key in ("device", "arch", "image_size", "batch_size", "method", "queue_size", "precision", "compiled",
+                "data"):
         t.add_row(key.replace("_", " "), str(result[key]))
     t.add_row("img/s", f"[bold]{result['img_per_s']:,.0f}[/]")
     t.add_row("ms/step", f"{result['ms_per_step']:.2f}" + (

@@ -88,6 +88,8 @@ class PretrainConfig(Settings):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="autocast precision; auto = bf16 on GPU, fp32 on CPU")
     channels_last: bool = Field(True, description="channels-last memory format for conv nets")
+    compile: bool = Field(False, description="torch.compile the two encoders in place (checkpoint keys "
+                          "unchanged); the first steps compile (tens of seconds, longer on a CPU)")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when available")
     seed: int = Field(0, description="seed of data order, augmentations and synthetic draws")
     # run directory

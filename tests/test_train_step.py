@@ -95,3 +95,43 @@ def test_cuda_steps_do_not_synchronise(tmp_path, monkeypatch):
             trainer.train_step(*next(batches)[:3], 100, 10)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_encoders_give_the_eager_step(tmp_path):
+    # inductor on the CPU; a one-conv backbone keeps the compilation to seconds
+    import copy
+
+    from torch import nn
+
+    from hnmix.models.moco import MoCo
+
+    class OneConv(nn.Sequential):
+        num_features = 8
+
+    torch.manual_seed(0)
+    eager = MoCo(OneConv(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                 dim=4, K=16, T=0.2, shuffle_keys=False)
+    compiled = copy.deepcopy(eager)
+    compiled.encoder_q.compile()
+    compiled.encoder_k.compile()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for _ in range(2):
+        x_q, x_k = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+        outs = [model(x_q, x_k) for model in (eager, compiled)]
+        for out in outs:
+            out.loss.backward()
+        torch.testing.assert_close(outs[1].loss, outs[0].loss, atol=1e-5, rtol=1e-5)
+        for p_eager, p_compiled in zip(eager.encoder_q.parameters(), compiled.encoder_q.parameters(), strict=True):
+            torch.testing.assert_close(p_compiled.grad, p_eager.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(compiled.queue, eager.queue, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_option_compiles_both_encoders_in_place(tmp_path):
+    cfg = PretrainConfig(data="demo", arch="test_resnet", image_size=16, batch_size=8, queue_size=32, dim=16,
+                         workers=0, data_on_gpu="off", compile=True, output=str(tmp_path / "run"))
+    trainer = Trainer(cfg, distributed.setup("cpu"))
+    keys = list(trainer.model.state_dict())
+    trainer.prepare_steps()
+    assert trainer.model.encoder_q._compiled_call_impl is not None
+    assert trainer.model.encoder_k._compiled_call_impl is not None
+    assert list(trainer.model.state_dict()) == keys  # checkpoints and backbone.pt keep their keys

@@ -211,6 +211,9 @@ class Trainer:
         """What every step uses: the (DDP-wrapped) model, the strategy, and its two generators."""
         self.shared_gen = torch.Generator(device=self.info.device)  # same draws on every rank: key shuffle
         self.rank_gen = torch.Generator(device=self.info.device)  # this rank's draws: synthetic negatives
+        if self.cfg.compile:  # in place, so state-dict keys and the momentum update see the same modules
+            self.model.encoder_q.compile()
+            self.model.encoder_k.compile()
         self.ddp = self._wrap_ddp() if self.info.world > 1 else self.model
         self.strategy = build_strategy(self.cfg)
 
@@ -242,7 +245,8 @@ class Trainer:
             ("backbone", f"{cfg.arch}{' + CIFAR stem' if cfg.cifar_stem else ''}, head "
                          f"{'MLP' if cfg.mlp else 'linear'} -> {cfg.dim}"),
             ("data", f"{cfg.data}: {len(self.dataset)} images, {cfg.image_size} px; {self.data_source}"),
-            ("devices", f"{info.world} x {info.device.type}, precision {self.dtype or 'fp32'}, BN {self.bn_mode}"),
+            ("devices", f"{info.world} x {info.device.type}, precision {self.dtype or 'fp32'}, BN {self.bn_mode}"
+                        f"{', compiled encoders' if cfg.compile else ''}"),
             ("batch", f"global {cfg.batch_size} = {info.world} x {self.local_batch} per rank"),
             ("lr", f"effective {effective_lr(cfg):.4g} = {cfg.lr} x {cfg.batch_size}/256, "
                    f"{'cosine' if cfg.cos else f'steps at {cfg.schedule}'}, wd {cfg.wd}"),
