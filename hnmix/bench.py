@@ -77,7 +77,7 @@ def time_steps(trainer, batches: Iterator[tuple], cfg: BenchConfig, first_step: 
         _sync(device)
         blocks.append((time.perf_counter() - start) / cfg.steps)
     ms = statistics.median(blocks) * 1e3
-    out = {"ms_per_step": ms, "img_per_s": cfg.batch_size / ms * 1e3,
+    out = {"ms_per_step": ms, "img_per_s": cfg.batch_size / ms * 1e3, "best_ms_per_step": min(blocks) * 1e3,
            "ms_per_step_repeats": [round(b * 1e3, 3) for b in blocks]}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -139,9 +139,10 @@ def print_table(result: dict, console: Console) -> None:
                 "data"):
         t.add_row(key.replace("_", " "), str(result[key]))
     t.add_row("img/s", f"[bold]{result['img_per_s']:,.0f}[/]")
+    repeats = result["ms_per_step_repeats"]
     t.add_row("ms/step", f"{result['ms_per_step']:.2f}" + (
-        f"  (median of {', '.join(map(str, result['ms_per_step_repeats']))})"
-        if len(result["ms_per_step_repeats"]) > 1 else ""))
+        f"  (median of {len(repeats)}: {', '.join(map(str, repeats))}; best {result['best_ms_per_step']:.2f})"
+        if len(repeats) > 1 else ""))
     if "peak_memory_gib" in result:
         t.add_row("peak memory", f"{result['peak_memory_gib']:.2f} GiB (max allocated, timed steps)")
     else:
