@@ -126,7 +126,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             ceiling = time_steps(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size), cfg)
             result["ceiling_img_per_s"] = ceiling["img_per_s"]
             result["share_of_ceiling"] = result["img_per_s"] / ceiling["img_per_s"]
-    result["first_step_s"] = first.get("since_launch")
+    result["first_step_s"] = None if first.get("since_launch") is None else round(first["since_launch"], 2)
     if info.device.type == "cpu":
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     distributed.teardown()
