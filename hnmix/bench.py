@@ -88,6 +88,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     """Build the pretraining Trainer for cfg and time its step; returns the figures as a dict."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HnmixError("hnmix bench runs in one process; time one GPU, then multiply by the ranks")
+    from hnmix.data.pretrain import RunBatches
     from hnmix.negatives.mochi import from_config as mochi_from_config
     from hnmix.train import distributed
     from hnmix.train.loop import Trainer, describe_method
@@ -100,7 +101,6 @@ def run_bench(cfg: BenchConfig) -> dict:
     trainer.prepare_steps()
     if cfg.mochi_naive:
         trainer.strategy = mochi_from_config(cfg, fused=False)
-    from hnmix.data.pretrain import RunBatches
 
     result = {
         "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
