@@ -10,6 +10,8 @@ from conftest import write_images
 from hnmix.cli import app
 from hnmix.train.loop import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 mochi_module = importlib.import_module("hnmix.negatives.mochi")  # the package re-exports a function `mochi`
 
 TINY_BENCH = ["--arch", "test_resnet", "--image-size", "16", "--batch-size", "8", "-K", "32", "--set", "dim=16",

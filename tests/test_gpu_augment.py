@@ -4,7 +4,6 @@ pipeline in distribution against the CPU pipeline (hnmix.data.augment.moco_v2_au
 Two-sample Kolmogorov-Smirnov tests at alpha = 0.001 with fixed seeds: deterministic, and they fail on
 a pipeline whose ranges are off by a quarter (e.g. brightness 0.3 for 0.4, blur p 0.4 for 0.5)."""
 
-import contextlib
 import math
 
 import numpy as np
@@ -17,6 +16,8 @@ from torchvision import transforms as T
 
 from hnmix.data import gpu_augment as G
 from hnmix.data.augment import moco_v2_augment
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N = 4000  # draws per distribution test
 
@@ -35,19 +36,9 @@ def assert_same_distribution(a, b, what):
     assert d < critical, f"{what}: KS statistic {d:.4f} >= {critical:.4f}"
 
 
-@contextlib.contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny PIL/torch calls: threads only add overhead
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def cpu_views(array: np.ndarray, size: int, n: int, seed: int = 0) -> torch.Tensor:
     transform, img = moco_v2_augment(size), Image.fromarray(array)
-    with one_thread(), torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return torch.stack([transform(img) for _ in range(n)]).float()
 
@@ -55,8 +46,7 @@ def cpu_views(array: np.ndarray, size: int, n: int, seed: int = 0) -> torch.Tens
 def gpu_views(array: np.ndarray, size: int, n: int, seed: int = 0) -> torch.Tensor:
     images = torch.from_numpy(array).permute(2, 0, 1)[None].expand(n, -1, -1, -1).contiguous()
     draws = G.draw_augment(n, generator=torch.Generator().manual_seed(seed))
-    with one_thread():
-        return (G.augment(images, draws, size) * 255).round()  # the CPU pipeline's uint8 levels
+    return (G.augment(images, draws, size) * 255).round()  # the CPU pipeline's uint8 levels
 
 
 # ------------------------------------------------------------------------------ ops, exactly

@@ -16,6 +16,8 @@ from hnmix.data.folder import ImageFiles, load_rgb
 from hnmix.data.pretrain import RunBatches, open_images
 from hnmix.errors import CorruptImageError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path, monkeypatch):

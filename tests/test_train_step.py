@@ -12,6 +12,8 @@ from hnmix.data.pretrain import RunBatches
 from hnmix.train import distributed
 from hnmix.train.loop import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ops that read a device value back, or copy host data to the device (torch.tensor(..., device=cuda))
 SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "lift_fresh", "aten.equal", "is_nonzero")
 METHODS = {"moco": {}, "mochi": {"n_hard": 8, "s": 4, "s_prime": 2},
