@@ -152,3 +152,29 @@ def test_pretrain_with_data_on_device_on_cpu(runner, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
     bad = runner.invoke(app, [*args, "--data-on-gpu", "maybe", "--output", str(tmp_path / "r3")])
     assert bad.exit_code == 2 and "data_on_gpu" in bad.stderr
+
+
+def test_two_ddp_processes_equal_one_process_with_device_data(tmp_path):
+    # local rank 0 decodes and caches, rank 1 waits at the barrier and reads the cache; the views depend on
+    # neither, so 2 x 4 images with shuffle BN train exactly like 8 with split:2 BN (as the loader path does)
+    import subprocess
+    import sys
+
+    data = write_images(tmp_path / "d", 16, classes=["a", "b"])
+
+    def run(out, nproc, bn):
+        args = ["-m", "hnmix", "pretrain", "--data", str(data), "--output", str(out), *TINY, "--epochs", "1",
+                "--max-steps", "3", "--bn", bn, "--data-on-gpu", "on"]
+        prefix = [sys.executable] + ([] if nproc == 1 else ["-m", "torch.distributed.run",
+                                                            f"--nproc_per_node={nproc}", "--standalone"])
+        done = subprocess.run(prefix + args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, cwd=tmp_path, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout, torch.load(out / "last.pt", weights_only=True)["model"]
+
+    ddp_log, ddp = run(tmp_path / "ddp", 2, "shuffle")
+    assert "decoding 16 images" in ddp_log  # the cache was built here, by local rank 0 only
+    _, single = run(tmp_path / "single", 1, "split:2")
+    for key, value in single.items():
+        if "running_" not in key and "num_batches" not in key:  # rank 0 keeps its own BN statistics
+            torch.testing.assert_close(ddp[key].float(), value.float(), atol=2e-5, rtol=1e-4, msg=key)
