@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from hnmix.analyze.config import AnalyzeConfig
-from hnmix.config import PretrainConfig, load_config
+from hnmix.config import BenchConfig, PretrainConfig, load_config
 from hnmix.errors import HnmixError
 from hnmix.eval.config import LinevalConfig
 
@@ -66,7 +66,7 @@ def field_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
     return typer.Option(*flags, help=help_text, show_default=False, **kwargs)
 
 
-P = PretrainConfig
+P, B = PretrainConfig, BenchConfig
 HN, MOCHI, SYNCO, RING = "Hard negatives", "MoCHi (--method mochi)", "SynCo (--method synco)", "Ring (--method ring)"
 L = LinevalConfig
 A = AnalyzeConfig
@@ -119,9 +119,11 @@ def pretrain(
     cos: Annotated[bool | None, field_option(P, "cos", "--cos/--no-cos")] = None,
     image_size: Annotated[int | None, field_option(P, "image_size", "--image-size")] = None,
     workers: Annotated[int | None, field_option(P, "workers", "--workers")] = None,
+    data_on_gpu: Annotated[str | None, field_option(P, "data_on_gpu", "--data-on-gpu")] = None,
     seed: Annotated[int | None, field_option(P, "seed", "--seed")] = None,
     bn: Annotated[str | None, field_option(P, "bn", "--bn")] = None,
     precision: Annotated[str | None, field_option(P, "precision", "--precision")] = None,
+    compile: Annotated[bool | None, field_option(P, "compile", "--compile/--no-compile")] = None,
     device: Annotated[str | None, field_option(P, "device", "--device")] = None,
     output: Annotated[str | None, field_option(P, "output", "--output", "-o")] = None,
     resume: Annotated[str | None, field_option(P, "resume", "--resume")] = None,
@@ -313,6 +315,47 @@ def doctor() -> None:
     from hnmix.doctor import run_doctor
 
     raise typer.Exit(run_doctor())
+
+
+@app.command()
+def bench(
+    arch: Annotated[str | None, field_option(P, "arch", "--arch")] = None,
+    cifar_stem: Annotated[bool | None, field_option(P, "cifar_stem", "--cifar-stem/--no-cifar-stem")] = None,
+    image_size: Annotated[int | None, field_option(P, "image_size", "--image-size")] = None,
+    batch_size: Annotated[int | None, field_option(P, "batch_size", "--batch-size")] = None,
+    method: Annotated[str | None, field_option(P, "method", "--method")] = None,
+    n_hard: Annotated[int | None, field_option(P, "n_hard", "--N")] = None,
+    s: Annotated[int | None, field_option(P, "s", "--s")] = None,
+    s_prime: Annotated[int | None, field_option(P, "s_prime", "--s-prime")] = None,
+    queue_size: Annotated[int | None, field_option(P, "queue_size", "--queue-size", "-K")] = None,
+    data: Annotated[str | None, field_option(B, "data", "--data")] = None,
+    data_on_gpu: Annotated[str | None, field_option(P, "data_on_gpu", "--data-on-gpu")] = None,
+    workers: Annotated[int | None, field_option(P, "workers", "--workers")] = None,
+    steps: Annotated[int | None, field_option(B, "steps", "--steps")] = None,
+    warmup: Annotated[int | None, field_option(B, "warmup", "--warmup")] = None,
+    repeats: Annotated[int | None, field_option(B, "repeats", "--repeats")] = None,
+    ceiling: Annotated[bool | None, field_option(B, "ceiling", "--ceiling/--no-ceiling")] = None,
+    mochi_naive: Annotated[bool | None, field_option(B, "mochi_naive", "--mochi-naive/--mochi-fused")] = None,
+    device: Annotated[str | None, field_option(P, "device", "--device")] = None,
+    precision: Annotated[str | None, field_option(P, "precision", "--precision")] = None,
+    compile: Annotated[bool | None, field_option(P, "compile", "--compile/--no-compile")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of the table")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Time the pretraining step: img/s, ms/step, peak memory, and the compute ceiling (synthetic views).
+
+    It runs the real step of `hnmix pretrain` (same model, method, precision, data source), excludes the
+    warm-up and synchronises the device. Any pretrain setting can be given with --set key=value.
+
+    Example: hnmix bench --arch resnet18 --cifar-stem --image-size 32 --batch-size 512 --method mochi
+    """
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "set_", "as_json")}
+    with user_errors():
+        from hnmix.bench import bench as run_bench
+
+        cfg = load_config(BenchConfig, config, overrides, set_)
+        run_bench(cfg, as_json)
 
 
 def main() -> None:

@@ -37,6 +37,10 @@ class PretrainConfig(Settings):
                       "(searched recursively), or 'demo' for the built-in dataset")
     image_size: int = Field(224, ge=8, description="crop size in pixels")
     workers: int = Field(8, ge=0, description="data-loader worker processes per rank")
+    data_on_gpu: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode the dataset once (cached on disk), hold it on the device and augment whole "
+        "batches there, without loader workers; auto = on for a CUDA device when the images are <= 256 px and "
+        "fit a quarter of its memory")
     skip_corrupt: bool = Field(False, description="replace unreadable images by the next one (counted) "
                                "instead of stopping")
     # model
@@ -85,6 +89,8 @@ class PretrainConfig(Settings):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="autocast precision; auto = bf16 on GPU, fp32 on CPU")
     channels_last: bool = Field(True, description="channels-last memory format for conv nets")
+    compile: bool = Field(False, description="torch.compile the two encoders in place (checkpoint keys "
+                          "unchanged); the first steps compile (tens of seconds, longer on a CPU)")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when available")
     seed: int = Field(0, description="seed of data order, augmentations and synthetic draws")
     # run directory
@@ -166,6 +172,33 @@ class PretrainConfig(Settings):
     @property
     def bn_splits(self) -> int | None:
         return int(self.bn[6:]) if self.bn.startswith("split:") else None
+
+
+SYNTHETIC = "synthetic"
+
+
+class BenchConfig(PretrainConfig):
+    """`hnmix bench`: a pretraining configuration plus how to time its step."""
+
+    data: str = Field(SYNTHETIC, description="'synthetic' (random views already on the device: the compute "
+                      "ceiling), 'demo', or an image folder (as pretrain --data)")
+    steps: int = Field(20, ge=1, description="timed steps per repeat")
+    warmup: int = Field(5, ge=0, description="untimed steps first (allocator, cuDNN autotuning, loader start)")
+    repeats: int = Field(1, ge=1, description="timed blocks; the median is reported (for noisy, shared machines)")
+    ceiling: bool = Field(True, description="with a dataset, also time synthetic views: the compute ceiling")
+    mochi_naive: bool = Field(False, description="MoCHi in the naive form (materialised (B, s, D) points), to "
+                              "measure what the fused form saves")
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, v: str) -> str:
+        return v if v == SYNTHETIC else _check_data_path(v)
+
+    @model_validator(mode="after")
+    def _naive_is_mochi(self) -> BenchConfig:
+        if self.mochi_naive and self.method != "mochi":
+            raise ValueError("--mochi-naive needs --method mochi")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -39,3 +39,15 @@ def runner() -> CliRunner:
 def _few_threads(monkeypatch):
     # tests run several processes on small CI machines: avoid oversubscribing the cores
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Many tiny ops: one intra-op thread avoids OpenMP waits when other jobs hold the cores (a busy 2-core
+    machine made a 10 ms test step take 3 s with two threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,6 +9,7 @@ from torch import nn
 
 from hnmix.models.backbone import SplitBatchNorm2d, apply_cifar_stem, convert_split_bn, create_backbone
 from hnmix.models.moco import MoCo
+from hnmix.negatives import Negatives
 
 
 def tiny_moco(K=12, shuffle_keys=False, split=1, m=0.9):
@@ -113,3 +114,23 @@ def test_cifar_stem_keeps_resolution_and_rejects_other_stems():
 
     with pytest.raises(HnmixError, match="cifar-stem"):
         create_backbone("resnet18d", cifar_stem=True)
+
+
+def test_logits_and_loss_stay_fp32_under_bf16_autocast():
+    # the backbone runs in bf16, but q @ queue.T must not: bf16 logits would be off by ~0.004 / T
+    model = tiny_moco(K=64)
+    x_q, x_k = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    queue_before = model.queue.clone()
+    seen = {}
+
+    def spy(q, queue, l_neg):
+        seen.update(q=q.dtype, l_neg=l_neg.dtype)
+        return Negatives(extra=torch.full((4, 1), float("-inf")))  # a masked synthetic logit
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x_q, x_k, hard_negatives=spy)
+    assert out.logits.dtype == out.loss.dtype == torch.float32 and seen == {"q": torch.float32, "l_neg": torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = F.normalize(model.encoder_q(x_q), dim=1).float()
+    torch.testing.assert_close(out.logits[:, 1:65], (q @ queue_before.T).detach(), atol=1e-6, rtol=0)
+    assert torch.isnan(out.stats[3])  # the synthetic-logit mean skips -inf entries (here: all of them)

@@ -84,12 +84,20 @@ class RunBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.total - self.start
 
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1)))
+
+    def positions(self):
+        """(step, epoch, start of this rank's slice of epoch_order(epoch)) for every remaining step."""
+        local = self.batch // self.world
+        for step in range(self.start, self.total):
+            e, b = divmod(step, self.steps_per_epoch)
+            yield step, e, b * self.batch + self.rank * local
+
     def __iter__(self):
         local = self.batch // self.world
         epoch, perm = -1, None
-        for step in range(self.start, self.total):
-            e, b = divmod(step, self.steps_per_epoch)
+        for _, e, lo in self.positions():
             if e != epoch:
-                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(sample_seed(self.seed, e, -1)))
-            lo = b * self.batch + self.rank * local
+                epoch, perm = e, self.epoch_order(e)
             yield [(i, e) for i in perm[lo:lo + local].tolist()]

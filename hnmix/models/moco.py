@@ -59,6 +59,12 @@ def contrastive_loss(logits: torch.Tensor, T: float, keep: torch.Tensor | None =
     return (torch.logsumexp(z, dim=1) - z[:, 0]).mean(), z
 
 
+def finite_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over finite entries (masked -inf logits left out), computed on the device."""
+    finite = torch.isfinite(x)
+    return torch.where(finite, x, 0).sum() / finite.sum()
+
+
 class MocoOutput(NamedTuple):
     logits: torch.Tensor  # (B, 1 + K + S) before temperature; column 0 is the positive
     loss: torch.Tensor
@@ -125,23 +131,24 @@ class MoCo(nn.Module):
             self.momentum_update()
             k, k_all = self.encode_keys(im_k, shuffle_generator)
         queue = self.queue.clone()  # the in-place enqueue below must not touch what autograd saved
-        q32 = q.float()  # logits and loss in fp32 whatever the autocast dtype
-        l_pos = (q32 * k.float()).sum(1, keepdim=True)
-        l_neg = q32 @ queue.T
-        keep = (self.queue_labels[None, :] != labels[:, None]) | (labels[:, None] < 0) if oracle else None
-        parts = [l_pos, l_neg]
-        if hard_negatives is not None:
-            visible = l_neg if keep is None else l_neg.masked_fill(~keep, float("-inf"))
-            extra, method_keep = hard_negatives(q32, queue, visible)
-            if method_keep is not None:
-                keep = method_keep if keep is None else keep & method_keep
-            if extra is not None:
-                parts.append(extra)
-        logits = torch.cat(parts, dim=1)
-        loss, z = contrastive_loss(logits, self.T, keep)
+        with torch.autocast(q.device.type, enabled=False):  # logits and loss in fp32 whatever the autocast
+            q32 = q.float()
+            l_pos = (q32 * k.float()).sum(1, keepdim=True)
+            l_neg = q32 @ queue.T
+            keep = (self.queue_labels[None, :] != labels[:, None]) | (labels[:, None] < 0) if oracle else None
+            parts = [l_pos, l_neg]
+            if hard_negatives is not None:
+                visible = l_neg if keep is None else l_neg.masked_fill(~keep, float("-inf"))
+                extra, method_keep = hard_negatives(q32, queue, visible)
+                if method_keep is not None:
+                    keep = method_keep if keep is None else keep & method_keep
+                if extra is not None:
+                    parts.append(extra)
+            logits = torch.cat(parts, dim=1)
+            loss, z = contrastive_loss(logits, self.T, keep)
         with torch.no_grad():
             acc = (z.argmax(1) == 0).float().mean()
-            syn = parts[2].mean() if len(parts) > 2 else torch.full_like(acc, float("nan"))
+            syn = finite_mean(parts[2]) if len(parts) > 2 else torch.full_like(acc, float("nan"))
             kept = keep.float().mean() if keep is not None else torch.ones_like(acc)
             stats = torch.stack([acc, l_pos.mean(), l_neg.mean(), syn, kept])
         self.enqueue(k_all, all_gather(labels) if labels is not None else None)

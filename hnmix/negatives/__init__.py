@@ -15,7 +15,14 @@ import torch
 from hnmix.negatives import mochi as _mochi
 from hnmix.negatives import ring as _ring
 from hnmix.negatives import synco as _synco
-from hnmix.negatives.mochi import MochiDraws, draw_mochi, mochi, mochi_from_draws
+from hnmix.negatives.mochi import (
+    MochiDraws,
+    draw_mochi,
+    mochi,
+    mochi_from_draws,
+    mochi_naive,
+    mochi_naive_from_draws,
+)
 from hnmix.negatives.ring import annealed_outer, ring_mask
 from hnmix.negatives.synco import SYNCO_TYPES, draw_synco, synco, synco_from_draws
 
@@ -41,4 +48,5 @@ def build_strategy(cfg) -> Strategy | None:
 
 
 __all__ = ["METHODS", "SYNCO_TYPES", "MochiDraws", "Negatives", "Strategy", "annealed_outer", "build_strategy",
-           "draw_mochi", "draw_synco", "mochi", "mochi_from_draws", "ring_mask", "synco", "synco_from_draws"]
+           "draw_mochi", "draw_synco", "mochi", "mochi_from_draws", "mochi_naive", "mochi_naive_from_draws",
+           "ring_mask", "synco", "synco_from_draws"]

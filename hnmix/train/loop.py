@@ -160,6 +160,7 @@ class Trainer:
         self.step = 0
         self.last_good: Path | None = None
         self._resume()
+        self.device_data, self.data_source = self._device_data(images)
 
     # ------------------------------------------------------------------ setup
     def _resume(self) -> None:
@@ -192,6 +193,57 @@ class Trainer:
             prefetch_factor=4 if workers else None,
         )
 
+    def _device_data(self, images):
+        from hnmix.data.gpu_data import device_batches
+
+        cfg, info = self.cfg, self.info
+        source, note = device_batches(images, mode=cfg.data_on_gpu, device=info.device, image_size=cfg.image_size,
+                                      seed=cfg.seed, channels_last=cfg.channels_last, skip_corrupt=cfg.skip_corrupt,
+                                      local_rank=info.local_rank, log=self.console.print, barrier=distributed.barrier)
+        workers = min(cfg.workers, os.cpu_count() or 1)
+        return source, note if source else f"{note}, {workers} workers"
+
+    def _batches(self, sampler: RunBatches):
+        """(view_q, view_k, labels, skipped files) per step, normalised on the device: from device-resident
+        data (--data-on-gpu) or from the DataLoader's workers."""
+        if self.device_data is not None:
+            yield from self.device_data(sampler)
+            return
+        device = self.info.device
+        for im_q, im_k, labels, skip in self._loader(sampler):
+            yield (self.normalize(im_q.to(device, non_blocking=True)), self.normalize(im_k.to(device, non_blocking=True)),
+                   labels.to(device, non_blocking=True), skip)
+
+    def prepare_steps(self) -> None:
+        """What every step uses: the (DDP-wrapped) model, the strategy, and its two generators."""
+        self.shared_gen = torch.Generator(device=self.info.device)  # same draws on every rank: key shuffle
+        self.rank_gen = torch.Generator(device=self.info.device)  # this rank's draws: synthetic negatives
+        if self.cfg.compile:  # in place, so state-dict keys and the momentum update see the same modules
+            self.model.encoder_q.compile()
+            self.model.encoder_k.compile()
+        self.ddp = self._wrap_ddp() if self.info.world > 1 else self.model
+        self.strategy = build_strategy(self.cfg)
+
+    def train_step(self, im_q: torch.Tensor, im_k: torch.Tensor, labels: torch.Tensor, total: int, spe: int):
+        """One optimisation step on normalised device views; nothing in it waits for the device.
+        Returns (MocoOutput, lr)."""
+        cfg, info = self.cfg, self.info
+        lr = lr_at(cfg, self.step, total, spe)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.shared_gen.manual_seed(sample_seed(cfg.seed, self.step, -2))
+        self.rank_gen.manual_seed(sample_seed(cfg.seed, self.step, -3 - info.rank))
+        hard = self.strategy and functools.partial(self.strategy, generator=self.rank_gen, epoch=self.step / spe)
+        with torch.autocast(info.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.ddp(im_q, im_k, hard_negatives=hard, labels=labels, oracle=cfg.oracle_labels,
+                           shuffle_generator=self.shared_gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return out, lr
+
     def _describe(self, sampler: RunBatches) -> None:
         cfg, info = self.cfg, self.info
         t = Table(title="hnmix pretrain", show_header=False, title_justify="left")
@@ -199,8 +251,9 @@ class Trainer:
             ("method", describe_method(cfg)),
             ("backbone", f"{cfg.arch}{' + CIFAR stem' if cfg.cifar_stem else ''}, head "
                          f"{'MLP' if cfg.mlp else 'linear'} -> {cfg.dim}"),
-            ("data", f"{cfg.data}: {len(self.dataset)} images, {cfg.image_size} px"),
-            ("devices", f"{info.world} x {info.device.type}, precision {self.dtype or 'fp32'}, BN {self.bn_mode}"),
+            ("data", f"{cfg.data}: {len(self.dataset)} images, {cfg.image_size} px; {self.data_source}"),
+            ("devices", f"{info.world} x {info.device.type}, precision {self.dtype or 'fp32'}, BN {self.bn_mode}"
+                        f"{', compiled encoders' if cfg.compile else ''}"),
             ("batch", f"global {cfg.batch_size} = {info.world} x {self.local_batch} per rank"),
             ("lr", f"effective {effective_lr(cfg):.4g} = {cfg.lr} x {cfg.batch_size}/256, "
                    f"{'cosine' if cfg.cos else f'steps at {cfg.schedule}'}, wd {cfg.wd}"),
@@ -229,33 +282,14 @@ class Trainer:
         self._describe(sampler)
         log = MetricsLog(self.out, info.is_main)
         meter = Meter(info.device)
-        shared_gen = torch.Generator(device=info.device)  # same draws on every rank: key shuffle
-        rank_gen = torch.Generator(device=info.device)  # this rank's draws: synthetic negatives
-        ddp = self._wrap_ddp() if info.world > 1 else self.model
-        strategy = build_strategy(cfg)
+        self.prepare_steps()
         skipped = 0
         try:
             with training_progress(self.console) as progress:
                 task = progress.add_task("train", total=total, completed=self.step, epoch=self.step // spe + 1,
                                          loss="-", acc="-", speed="-")
-                for im_q, im_k, labels, skip in self._loader(sampler):
-                    lr = lr_at(cfg, self.step, total, spe)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    shared_gen.manual_seed(sample_seed(cfg.seed, self.step, -2))
-                    rank_gen.manual_seed(sample_seed(cfg.seed, self.step, -3 - info.rank))
-                    hard = strategy and functools.partial(strategy, generator=rank_gen, epoch=self.step / spe)
-                    im_q = self.normalize(im_q.to(info.device, non_blocking=True))
-                    im_k = self.normalize(im_k.to(info.device, non_blocking=True))
-                    with torch.autocast(info.device.type, dtype=self.dtype or torch.float32,
-                                        enabled=self.dtype is not None):
-                        out = ddp(im_q, im_k, hard_negatives=hard, labels=labels.to(info.device, non_blocking=True),
-                                  oracle=cfg.oracle_labels, shuffle_generator=shared_gen)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.scale(out.loss).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.step += 1
+                for im_q, im_k, labels, skip in self._batches(sampler):
+                    out, lr = self.train_step(im_q, im_k, labels, total, spe)
                     meter.add(out.loss, out.stats, cfg.batch_size)
                     skipped += int(skip.sum())
                     progress.update(task, advance=1, epoch=f"{self.step // spe + (self.step % spe > 0)}/{cfg.epochs}")

@@ -1,0 +1,171 @@
+"""`hnmix bench`: the pretraining step's speed, timed on the real code path (Trainer.train_step with its
+data source, model, method and precision), warm-up excluded, device-synchronised.
+
+With `--data synthetic` the views are random tensors already on the device: the compute ceiling. With a
+dataset, the same step is fed by the real data source (DataLoader workers or device-resident data), and
+the ceiling is timed afterwards in the same process, so the gap between the two is the data pipeline's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from hnmix.config import SYNTHETIC, BenchConfig
+from hnmix.errors import HnmixError
+
+
+def seconds_since_launch() -> float | None:
+    """Age of this process (Linux /proc), so 'first step' includes interpreter start and imports."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batches(trainer, batch: int, size: int) -> Iterator[tuple]:
+    """The same two normalised random batches every step: no data work at all."""
+    device = trainer.info.device
+    g = torch.Generator(device=device).manual_seed(0)
+    views = [trainer.normalize(torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device,
+                                             dtype=torch.uint8)) for _ in range(2)]
+    labels = torch.arange(batch, device=device) % 10
+    skipped = torch.zeros(batch, dtype=torch.long)
+    while True:
+        yield views[0], views[1], labels, skipped
+
+
+def time_steps(trainer, batches: Iterator[tuple], cfg: BenchConfig, first_step: dict | None = None) -> dict:
+    """Warm-up, then `repeats` timed blocks of `steps` steps, each ended by a device synchronisation."""
+    device = trainer.info.device
+    total = 10**9  # the lr schedule is irrelevant to speed; keep it from reaching its end
+
+    def step() -> None:
+        im_q, im_k, labels, _ = next(batches)
+        trainer.train_step(im_q, im_k, labels, total, total)
+
+    for i in range(cfg.warmup):
+        step()
+        if i == 0 and first_step is not None:
+            _sync(device)
+            first_step["since_launch"] = seconds_since_launch()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    blocks = []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        for _ in range(cfg.steps):
+            step()
+        _sync(device)
+        blocks.append((time.perf_counter() - start) / cfg.steps)
+    ms = statistics.median(blocks) * 1e3
+    out = {"ms_per_step": ms, "img_per_s": cfg.batch_size / ms * 1e3, "best_ms_per_step": min(blocks) * 1e3,
+           "ms_per_step_repeats": [round(b * 1e3, 3) for b in blocks]}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Build the pretraining Trainer for cfg and time its step; returns the figures as a dict."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise HnmixError("hnmix bench runs in one process; time one GPU, then multiply by the ranks")
+    from hnmix.data.pretrain import RunBatches
+    from hnmix.negatives.mochi import from_config as mochi_from_config
+    from hnmix.train import distributed
+    from hnmix.train.loop import Trainer, describe_method
+
+    synthetic = cfg.data == SYNTHETIC
+    # synthetic views need no dataset: the demo set stands in for the Trainer's data source, unused
+    train_cfg = cfg.model_copy(update={"data": "demo", "data_on_gpu": "off"}) if synthetic else cfg
+    info = distributed.setup(cfg.device)
+    trainer = Trainer(train_cfg, info)
+    trainer.prepare_steps()
+    if cfg.mochi_naive:
+        trainer.strategy = mochi_from_config(cfg, fused=False)
+
+    result = {
+        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "arch": cfg.arch + (" + CIFAR stem" if cfg.cifar_stem else ""), "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size, "method": describe_method(cfg) + (" [naive]" if cfg.mochi_naive else ""),
+        "queue_size": cfg.queue_size, "precision": str(trainer.dtype or "fp32").replace("torch.", ""),
+        "compiled": cfg.compile,
+        "data": SYNTHETIC if synthetic else f"{cfg.data}: {trainer.data_source}",
+        "torch_threads": torch.get_num_threads() if info.device.type == "cpu" else None,
+    }
+    first: dict = {}
+    if synthetic:
+        result.update(time_steps(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size), cfg, first))
+    else:
+        sampler = RunBatches(len(trainer.dataset), cfg.batch_size, 0, 1, cfg.seed, epochs=10**6,
+                             total_steps=cfg.warmup + cfg.steps * cfg.repeats)
+        batches = trainer._batches(sampler)
+        try:
+            result.update(time_steps(trainer, batches, cfg, first))
+        finally:
+            batches.close()  # stops the loader's workers
+        if cfg.ceiling:
+            ceiling = time_steps(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size), cfg)
+            result["ceiling_img_per_s"] = ceiling["img_per_s"]
+            result["share_of_ceiling"] = result["img_per_s"] / ceiling["img_per_s"]
+    result["first_step_s"] = None if first.get("since_launch") is None else round(first["since_launch"], 2)
+    if info.device.type == "cpu":
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    distributed.teardown()
+    return result
+
+
+def print_table(result: dict, console: Console) -> None:
+    t = Table(title="hnmix bench", show_header=False, title_justify="left")
+    for key in ("device", "arch", "image_size", "batch_size", "method", "queue_size", "precision", "compiled",
+                "data"):
+        t.add_row(key.replace("_", " "), str(result[key]))
+    t.add_row("img/s", f"[bold]{result['img_per_s']:,.0f}[/]")
+    repeats = result["ms_per_step_repeats"]
+    t.add_row("ms/step", f"{result['ms_per_step']:.2f}" + (
+        f"  (median of {len(repeats)}: {', '.join(map(str, repeats))}; best {result['best_ms_per_step']:.2f})"
+        if len(repeats) > 1 else ""))
+    if "peak_memory_gib" in result:
+        t.add_row("peak memory", f"{result['peak_memory_gib']:.2f} GiB (max allocated, timed steps)")
+    else:
+        t.add_row("peak memory", f"{result['peak_rss_gib']:.2f} GiB (process peak RSS; no allocator stats on CPU)")
+    if "ceiling_img_per_s" in result:
+        t.add_row("compute ceiling", f"{result['ceiling_img_per_s']:,.0f} img/s (synthetic views on the device); "
+                                     f"data pipeline reaches {result['share_of_ceiling']:.0%} of it")
+    elif result["data"] == SYNTHETIC:
+        t.add_row("compute ceiling", "this is it: views already on the device")
+    if result["first_step_s"] is not None:
+        t.add_row("first step", f"{result['first_step_s']:.1f} s after launch")
+    console.print(t)
+
+
+def bench(cfg: BenchConfig, as_json: bool) -> dict:
+    """Run and report; with as_json, stdout holds only the JSON object (everything else goes to stderr)."""
+    import json
+
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        result = run_bench(cfg)
+    if as_json:
+        stdout.write(json.dumps(result) + "\n")
+    else:
+        print_table(result, Console())
+    return result
