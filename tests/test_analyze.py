@@ -26,12 +26,7 @@ from hnmix.negatives.mochi import MochiDraws
 NO_MOCHI = {"n_hard": 2, "s": 0, "s_prime": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def circle(n):

@@ -18,13 +18,7 @@ from hnmix.eval.features import extract_features
 from hnmix.eval.knn import KnnMonitor, knn_accuracy, knn_scores, topk_correct
 from hnmix.models.backbone import create_backbone
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_knn_scores_match_a_direct_loop():

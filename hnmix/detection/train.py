@@ -20,14 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from hnmix.detection import require_detectron2
@@ -35,6 +27,7 @@ from hnmix.detection.config import TransferDetectConfig
 from hnmix.detection.datasets import DatasetPlan, plan_coco, plan_voc
 from hnmix.detection.weights import DetectionWeights, resolve_weights
 from hnmix.errors import HnmixError
+from hnmix.train.logging import progress_bar
 
 console = Console()
 METRICS = ("AP", "AP50", "AP75")
@@ -81,8 +74,7 @@ def _trainer_class(job_verbose: bool = False):
 
     class RichProgress(HookBase):
         def before_train(self):
-            self.bar = Progress(TextColumn("[bold]fine-tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=console)
+            self.bar = progress_bar(console, "fine-tune", "{task.fields[loss]}")
             self.task = self.bar.add_task("", total=self.trainer.max_iter, completed=self.trainer.start_iter, loss="")
             self.bar.start()
 

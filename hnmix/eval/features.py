@@ -8,19 +8,13 @@ from collections.abc import Callable
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from torch import nn
 
 from hnmix.data.labelled import Labelled
 from hnmix.errors import HnmixError
 from hnmix.models.moco import all_gather, rank_and_world
+from hnmix.train.logging import progress_bar
 
 
 def resolve_device(pref: str) -> torch.device:
@@ -38,12 +32,7 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def eval_progress(console: Console) -> Progress:
-    """A progress bar with ETA; silent when the console is not a terminal (logs get plain lines instead)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, transient=False, disable=not console.is_terminal,
-    )
+    return progress_bar(console, "{task.description}", "{task.fields[info]}")
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, shuffle: bool = False,

@@ -57,16 +57,15 @@ class MetricsLog:
             self.tb.close()
 
 
-def training_progress(console: Console) -> Progress:
+def progress_bar(console: Console, label: str, info: str) -> Progress:
+    """Bar, count, elapsed time and ETA; silent off a terminal (logs get plain summary lines instead)."""
     return Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} img/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-        disable=not console.is_terminal,
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(info),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, transient=False, disable=not console.is_terminal,
     )
+
+
+def training_progress(console: Console) -> Progress:
+    return progress_bar(console, "epoch {task.fields[epoch]}",
+                        "loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} img/s")
