@@ -224,6 +224,10 @@ class Trainer:
         self.ddp = self._wrap_ddp() if self.info.world > 1 else self.model
         self.strategy = build_strategy(self.cfg)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.cfg.batch_size  # drop_last, as RunBatches
+
     def train_step(self, im_q: torch.Tensor, im_k: torch.Tensor, labels: torch.Tensor, total: int, spe: int):
         """One optimisation step on normalised device views; nothing in it waits for the device.
         Returns (MocoOutput, lr)."""
@@ -330,7 +334,7 @@ class Trainer:
 
     def _epoch_summary(self, record: dict, skipped: int) -> None:
         cfg = self.cfg
-        spe = len(self.dataset) // cfg.batch_size
+        spe = self.steps_per_epoch
         msg = (f"epoch {self.step // spe}/{cfg.epochs}  step {self.step}  loss {record['loss']:.4f}  "
                f"acc {record['acc']:.3f}  {record['img_per_s']:.0f} img/s")
         if not math.isnan(record.get("logit_syn", math.nan)):
@@ -341,7 +345,7 @@ class Trainer:
 
     def _knn_monitor(self, log: MetricsLog, meter: Meter) -> None:
         """kNN accuracy of the query backbone every --knn-every epochs; every rank extracts a share."""
-        epoch = self.step // (len(self.dataset) // self.cfg.batch_size)
+        epoch = self.step // self.steps_per_epoch
         if self.knn is None or epoch % self.cfg.knn_every:
             return
         with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not shift the run's RNG stream
@@ -353,7 +357,7 @@ class Trainer:
     def _save(self, epoch_end: bool) -> None:
         if not self.info.is_main:
             return
-        spe = len(self.dataset) // self.cfg.batch_size
+        spe = self.steps_per_epoch
         ckpt = make_checkpoint(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
                                epoch=self.step // spe, step=self.step, config=self.cfg.model_dump(mode="json"))
         atomic_save(ckpt, self.out / "last.pt")
