@@ -47,6 +47,7 @@ def test_every_rank_holds_the_same_queue(tmp_path):
         "dist.all_gather(qs, t.model.queue)\n"
         "assert torch.equal(qs[0], qs[1]), 'queues differ across ranks'\n"
         "print('QUEUES-EQUAL')\n"
+        "del t, qs\n"  # drop the DDP reducer, which holds the process group, before destroying the group
         "distributed.teardown()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",

@@ -39,8 +39,13 @@ def setup(device_pref: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
-def teardown() -> None:
+def teardown(finished: bool = True) -> None:
+    """Destroy the process group. After a clean finish, first wait for every rank: a fast rank's exit can
+    otherwise abort a slower one still inside destroy_process_group. After an error, don't wait for ranks that
+    may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

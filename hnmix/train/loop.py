@@ -119,9 +119,12 @@ class Meter:
 def pretrain(cfg: PretrainConfig) -> Path:
     info = distributed.setup(cfg.device)
     try:
-        return Trainer(cfg, info).run()
-    finally:
-        distributed.teardown()
+        out = Trainer(cfg, info).run()  # the Trainer (and its DDP reducer) is freed before the group goes
+    except BaseException:
+        distributed.teardown(finished=False)
+        raise
+    distributed.teardown()
+    return out
 
 
 class Trainer:
