@@ -83,3 +83,16 @@ def test_demo_dataset_is_deterministic_and_labelled():
     a, b = open_images("demo"), open_images("demo")
     assert len(a) == 2000 and len(open_images("demo", "val")) == 500
     assert (a.images == b.images).all() and sorted(set(a.labels)) == list(range(10))
+
+
+def test_demo_colours_identify_neither_the_class_nor_the_instance():
+    # shape is the only class cue, and a palette keeps colour from being an instance shortcut
+    images = open_images("demo")
+    pixels = torch.from_numpy(images.images).float().flatten(1, 2)  # (n, h*w, 3)
+    corners = pixels[:, 0]  # background colour, up to noise
+    labels = torch.tensor(images.labels)
+    distances = torch.cdist(corners, corners).fill_diagonal_(float("inf"))
+    nearest_label_hit = (labels[distances.argmin(1)] == labels).float().mean()
+    assert nearest_label_hit < 0.15  # chance is 0.1
+    # a typical background colour is shared by about one image in eight (uniform RGB colours: ~28 of 2000)
+    assert (distances < 40).sum(1).float().median() > 150

@@ -1,7 +1,9 @@
 """The built-in demo dataset: procedurally drawn 32 px shapes in 10 classes, no download.
 
 Colours, positions, sizes and backgrounds are random, so only shape identifies the class: a pretrained
-backbone must learn shape to separate them, which makes lineval/analyze on the demo meaningful.
+backbone must learn shape to separate them, which makes lineval/analyze on the demo meaningful. Colours come
+from a small palette, as in real photos: with a unique RGB pair per image, colour alone would tell instances
+apart and contrastive learning would take that shortcut (colour jitter does not hide it) instead of shape.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+# eight well-separated colours; each image draws a distinct foreground/background pair, lightly perturbed
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [240, 240, 240], [20, 20, 20]], np.float64)
 CLASSES = ["disc", "square", "triangle", "hstripes", "vstripes", "dstripes", "checker", "ring", "cross", "dots"]
 
 
@@ -50,9 +55,8 @@ def make_demo_images(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.
     rng.shuffle(labels)
     images = np.empty((n, size, size, 3), np.uint8)
     for i, kind in enumerate(labels):
-        fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        while np.abs(fg - bg).sum() < 150:  # keep the shape visible
-            bg = rng.uniform(0, 255, 3)
+        fg_index, bg_index = rng.choice(len(PALETTE), 2, replace=False)
+        fg, bg = PALETTE[fg_index] + rng.normal(0, 10, 3), PALETTE[bg_index] + rng.normal(0, 10, 3)
         mask = _shape_mask(int(kind), rng, size)[..., None]
         noise = rng.normal(0, 8, (size, size, 3))
         images[i] = np.clip(np.where(mask, fg, bg) + noise, 0, 255).astype(np.uint8)
