@@ -86,3 +86,27 @@ def test_zero_counts_switch_kinds_off_and_bad_counts_fail():
     assert out.shape == (4, 2)
     with pytest.raises(ValueError, match="six"):
         synco(q, queue, q @ queue.T, n_hard=4, counts=[1, 2], sigma=0, delta=0, eta=0)
+
+
+def test_points_from_masked_entries_leave_the_loss():
+    # the oracle masks half the queue; with N larger than what a query sees, masked entries enter its top-N
+    z, queue = setup(B=3, K=10, D=8)
+    q = F.normalize(z, dim=1)
+    masked = torch.arange(10)[None, :] % 2 == torch.tensor([0, 1, 0])[:, None]
+    visible = (q @ queue.T).masked_fill(masked, float("-inf"))
+    counts = [6, 6, 6, 6, 6, 6]
+    kw = dict(n_hard=8, counts=counts, sigma=SIGMA, delta=DELTA, eta=ETA)
+    out = synco(q, queue, visible, **kw, generator=torch.Generator().manual_seed(2))
+    # unmasked logits with the masked entries ranked last: the visible ones keep their top-N positions
+    demoted = torch.where(masked, q @ queue.T - 10, q @ queue.T)
+    plain = synco(q, queue, demoted, **kw, generator=torch.Generator().manual_seed(2))
+    draws = draw_synco(3, 8, 8, counts, generator=torch.Generator().manual_seed(2))
+    hard = visible.topk(8, dim=1).indices
+    uses = [masked.gather(1, hard.gather(1, pick)) for pick in draws.picks]
+    uses[2] = uses[2] | masked.gather(1, hard.gather(1, draws.picks2))
+    uses_masked = torch.cat(uses, dim=1)
+    assert uses_masked.any() and (~uses_masked).any()
+    assert torch.isneginf(out[uses_masked]).all() and torch.isfinite(out[~uses_masked]).all()
+    torch.testing.assert_close(out[~uses_masked], plain[~uses_masked])
+    (grad,) = torch.autograd.grad(out[~uses_masked].sum(), z)
+    assert torch.isfinite(grad).all()

@@ -112,12 +112,12 @@ class MoCo(nn.Module):
         """
         rank, world = rank_and_world()
         if not self.shuffle_keys:
-            k = F.normalize(self.encoder_k(im_k), dim=1)
+            k = F.normalize(self.encoder_k(im_k).float(), dim=1)
             return k, all_gather(k)
         x_all = all_gather(im_k)
         perm = torch.randperm(x_all.shape[0], generator=generator, device=x_all.device)
         local = im_k.shape[0]
-        k_shuffled = F.normalize(self.encoder_k(x_all[perm[rank * local:(rank + 1) * local]]), dim=1)
+        k_shuffled = F.normalize(self.encoder_k(x_all[perm[rank * local:(rank + 1) * local]]).float(), dim=1)
         k_all = all_gather(k_shuffled)[torch.argsort(perm)]
         return k_all[rank * local:(rank + 1) * local], k_all
 
@@ -126,7 +126,8 @@ class MoCo(nn.Module):
                 shuffle_generator: torch.Generator | None = None) -> MocoOutput:
         """labels (B,) (-1 = unknown) are queued beside the keys; with oracle=True, queue entries of the
         query's own class leave its loss and are not used to synthesise negatives."""
-        q = F.normalize(self.encoder_q(im_q), dim=1)
+        # normalised in fp32: CPU autocast would do it in bf16 (unit norms off by ~0.3 %) and enqueue that
+        q = F.normalize(self.encoder_q(im_q).float(), dim=1)
         with torch.no_grad():
             self.momentum_update()
             k, k_all = self.encode_keys(im_k, shuffle_generator)

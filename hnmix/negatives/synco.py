@@ -62,7 +62,13 @@ def synco_from_draws(q, queue, l_neg, draws: SyncoDraws, *, n_hard: int, sigma: 
             negatives(draws.picks[5]) + eta * torch.sign(qd),
         ]
         points = F.normalize(torch.cat(points, dim=1), dim=-1).to(q.dtype)
-    return torch.einsum("bd,bsd->bs", q, points)
+        # a query that sees fewer than N entries (label oracle) gets masked ones in its top-N: a point built
+        # from one is -inf, out of the loss, as in MoCHi
+        visible = torch.isfinite(l_neg.detach().gather(1, hard))
+        usable = [visible.gather(1, pick) for pick in draws.picks]
+        usable[2] = usable[2] & visible.gather(1, draws.picks2)
+        usable = torch.cat(usable, dim=1)
+    return torch.einsum("bd,bsd->bs", q, points).masked_fill(~usable, float("-inf"))
 
 
 def synco(q: torch.Tensor, queue: torch.Tensor, l_neg: torch.Tensor, *, n_hard: int, counts, sigma: float,
