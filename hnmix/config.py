@@ -46,6 +46,8 @@ class PretrainConfig(Settings):
     # model
     arch: str = Field("resnet50", description="any timm model name")
     cifar_stem: bool = Field(False, description="3x3 stride-1 stem without max-pool, for 32 px images")
+    zero_init_residual: bool = Field(True, description="start the last BN of each residual branch at weight 0 "
+                                     "(timm's ResNet init); false = torchvision's init, which official MoCo uses")
     dim: int = Field(128, ge=1, description="embedding dimension")
     mlp: bool = Field(True, description="2-layer MLP projection head (MoCo-v2)")
     queue_size: int = Field(65536, ge=1, description="K, the number of queued negatives")

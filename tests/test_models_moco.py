@@ -116,6 +116,28 @@ def test_cifar_stem_keeps_resolution_and_rejects_other_stems():
         create_backbone("resnet18d", cifar_stem=True)
 
 
+def test_residual_init_is_timms_or_torchvisions_and_reaches_the_model():
+    from rich.console import Console
+
+    from hnmix.config import PretrainConfig
+    from hnmix.train.loop import build_model
+
+    def last_bn_weights(model):
+        return torch.cat([block.bn3.weight.detach() for block in model.modules() if hasattr(block, "bn3")])
+
+    torch.manual_seed(0)
+    timm_init = create_backbone("resnet50")
+    torch.manual_seed(0)
+    torchvision_init = create_backbone("resnet50", zero_init_residual=False)
+    assert (last_bn_weights(timm_init) == 0).all() and (last_bn_weights(torchvision_init) == 1).all()
+    for (key, a), b in zip(timm_init.state_dict().items(), torchvision_init.state_dict().values(), strict=True):
+        assert torch.equal(a, b) or key.endswith("bn3.weight"), key  # the same draws otherwise
+    create_backbone("vit_tiny_patch16_224", zero_init_residual=False)  # a family without the option
+    cfg = PretrainConfig(data="demo", arch="resnet50", batch_size=8, queue_size=32, zero_init_residual=False)
+    model = build_model(cfg, "plain", 1, 1, Console(quiet=True))
+    assert (last_bn_weights(model.encoder_q) == 1).all()
+
+
 def test_logits_and_loss_stay_fp32_under_bf16_autocast():
     # the backbone runs in bf16, but q @ queue.T must not: bf16 logits would be off by ~0.004 / T
     model = tiny_moco(K=64)

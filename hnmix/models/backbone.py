@@ -18,10 +18,18 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-def create_backbone(arch: str, cifar_stem: bool = False) -> nn.Module:
-    """A randomly initialised timm model without classifier: ``model(x)`` returns pooled features."""
+def create_backbone(arch: str, cifar_stem: bool = False, zero_init_residual: bool = True) -> nn.Module:
+    """A randomly initialised timm model without classifier: ``model(x)`` returns pooled features.
+
+    zero_init_residual=False gives the ResNet init of torchvision (and so of official MoCo): the last BN of
+    each residual branch starts at weight 1 instead of timm's 0. Families without that option ignore it.
+    """
     check_arch(arch)
-    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=0,
+                                  **({} if zero_init_residual else {"zero_init_last": False}))
+    except TypeError:  # a family that has no zero_init_last option
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
     if cifar_stem:
         apply_cifar_stem(model, arch)
     return model

@@ -74,7 +74,7 @@ def resolve_precision(cfg: PretrainConfig, device: torch.device) -> torch.dtype 
 
 
 def build_model(cfg: PretrainConfig, bn_mode: str, splits: int, world: int, console: Console) -> MoCo:
-    backbone = create_backbone(cfg.arch, cfg.cifar_stem)
+    backbone = create_backbone(cfg.arch, cfg.cifar_stem, zero_init_residual=cfg.zero_init_residual)
     plain, other = count_batchnorms(backbone)
     if bn_mode != "plain" and plain == 0:
         console.print(f"[yellow]warning:[/] {cfg.arch} has no BatchNorm2d: --bn {bn_mode} has no effect")
