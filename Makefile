@@ -9,7 +9,8 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh
 	touch $@
 
-demo: install
+demo: install  # a fresh demo run each time: pretrain refuses to overwrite an existing run directory
+	rm -rf runs/demo
 	$(VENV)/bin/hnmix pretrain --config examples/demo.yaml
 
 test: install

@@ -47,6 +47,10 @@ def user_errors():
         yield
     except HnmixError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(getattr(e, "exit_code", 2)) from None
+    except OSError as e:  # e.g. an --output path under an existing file, a full disk, no permission
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(f"[bold red]error:[/] {e.strerror or e}{where}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")

@@ -148,6 +148,11 @@ class PretrainConfig(Settings):
             return v
         raise ValueError(f"'{v}' is not one of shuffle, split:G (G >= 1), sync, plain, auto")
 
+    @field_validator("data_on_gpu", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as bools
+
     @field_validator("resume")
     @classmethod
     def _resume_exists(cls, v: str | None) -> str | None:

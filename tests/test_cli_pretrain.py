@@ -76,6 +76,7 @@ def test_yaml_config_and_set_overrides(runner, tmp_path):
     (["--resume", "/no/such/last.pt"], "checkpoint not found"),
     (["--set", "qeueu_size=64"], "unknown setting 'qeueu_size'"),
     (["--bn", "split:3"], "does not split into 3"),
+    (["--arch", "vit_tiny_patch16_224"], "does not take 16 px images"),
 ])
 def test_bad_settings(runner, tmp_path, args, message):
     base = ["--data", "demo", "--output", str(tmp_path / "r"), *TINY]
@@ -124,3 +125,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runner, tmp_pa
     kept = torch.load(out / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
     assert kept["step"] >= good["step"]
+
+
+def test_output_that_is_a_file_or_under_one(runner, tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    assert_clean_error(invoke(runner, "--data", "demo", *TINY, "--output", str(afile)), "is a file")
+    assert_clean_error(invoke(runner, "--data", "demo", *TINY, "--max-steps", "1", "--output", str(afile / "sub")),
+                       "Not a directory")
+    assert afile.read_text() == "x"

@@ -63,3 +63,33 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 37)), "each step logged exactly once across the kill"
+
+
+def test_ctrl_c_and_sigterm_save_the_step_and_resume_bit_identically(tmp_path):
+    # the first signal stops after the current step with a checkpoint of it; loader workers survive it
+    data = write_images(tmp_path / "data", 48, classes=["a", "b", "c"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(pretrain_cmd(data, tmp_path / "full", "--workers", "1"), check=True, env=env, capture_output=True)
+    for sig, code, word in [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]:
+        out = tmp_path / word
+        proc = subprocess.Popen(pretrain_cmd(data, out, "--workers", "1"), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while last_step(out / "metrics.jsonl") < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == code, stdout + stderr
+        stopped_at = torch.load(out / "last.pt", weights_only=True)["step"]
+        assert 3 <= stopped_at < 36
+        assert f"{word} after step {stopped_at}: saved" in " ".join(stderr.split()), stderr
+        again = subprocess.run(pretrain_cmd(data, out), env=env, capture_output=True, text=True)
+        assert again.returncode == 2 and "already holds a run" in again.stderr  # no silent overwrite
+        resumed = subprocess.run(pretrain_cmd(data, out, "--workers", "1", "--resume", "auto"), env=env,
+                                 capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr
+        a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+        b = torch.load(out / "last.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 37))

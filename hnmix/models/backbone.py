@@ -35,6 +35,21 @@ def create_backbone(arch: str, cifar_stem: bool = False, zero_init_residual: boo
     return model
 
 
+def check_image_size(model: nn.Module, arch: str, size: int) -> None:
+    """Models with a fixed input size (ViTs, ...) would fail on the first batch; fail here, in one line."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        native = getattr(model, "pretrained_cfg", {}).get("input_size", (None,))[-1]
+        hint = f"; try --image-size {native}" if native else ""
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HnmixError(f"{arch} does not take {size} px images ({reason}){hint}") from None
+    finally:
+        model.train(training)
+
+
 def apply_cifar_stem(model: nn.Module, arch: str = "") -> None:
     """3x3 stride-1 first conv and no max-pool, so 32 px images keep their resolution (as in MoCo's CIFAR demo)."""
     conv1 = getattr(model, "conv1", None)

@@ -19,12 +19,13 @@ from hnmix.data.augment import Normalize
 from hnmix.data.pretrain import RunBatches, TwoViews, open_images, sample_seed
 from hnmix.errors import HnmixError
 from hnmix.eval.knn import KnnMonitor, print_knn
-from hnmix.models.backbone import convert_split_bn, count_batchnorms, create_backbone
+from hnmix.models.backbone import check_image_size, convert_split_bn, count_batchnorms, create_backbone
 from hnmix.models.moco import STAT_NAMES, MoCo
 from hnmix.negatives import build_strategy
 from hnmix.train import distributed
 from hnmix.train.checkpoint import atomic_save, load_checkpoint, make_checkpoint, set_rng_state
 from hnmix.train.logging import MetricsLog, training_progress, truncate_metrics
+from hnmix.train.stop import StopRequest, ignore_sigint_in_worker
 
 # settings a resumed run must share with its checkpoint: they shape the model or the data order
 RESUME_FIXED = ("arch", "cifar_stem", "dim", "mlp", "queue_size", "batch_size", "data", "seed", "image_size")
@@ -75,6 +76,7 @@ def resolve_precision(cfg: PretrainConfig, device: torch.device) -> torch.dtype 
 
 def build_model(cfg: PretrainConfig, bn_mode: str, splits: int, world: int, console: Console) -> MoCo:
     backbone = create_backbone(cfg.arch, cfg.cifar_stem, zero_init_residual=cfg.zero_init_residual)
+    check_image_size(backbone, cfg.arch, cfg.image_size)
     plain, other = count_batchnorms(backbone)
     if bn_mode != "plain" and plain == 0:
         console.print(f"[yellow]warning:[/] {cfg.arch} has no BatchNorm2d: --bn {bn_mode} has no effect")
@@ -169,10 +171,18 @@ class Trainer:
     def _resume(self) -> None:
         cfg = self.cfg
         path = None
+        existing = self.out / "last.pt"
+        if self.out.exists() and not self.out.is_dir():
+            raise HnmixError(f"--output {self.out} is a file, not a directory")
         if cfg.resume == "auto":
-            path = self.out / "last.pt" if (self.out / "last.pt").is_file() else None
+            path = existing if existing.is_file() else None
+            if path is None:
+                self.console.print(f"--resume auto: no last.pt in {self.out}, starting from step 0")
         elif cfg.resume:
             path = Path(cfg.resume)
+        elif existing.is_file():  # never overwrite a run by accident
+            raise HnmixError(f"{self.out} already holds a run (last.pt); --resume auto continues it, or choose "
+                             f"another --output (or delete the directory) to start afresh")
         if path is None:
             return
         ckpt = load_checkpoint(path)
@@ -193,6 +203,7 @@ class Trainer:
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=workers,
             pin_memory=self.info.device.type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=ignore_sigint_in_worker,
             prefetch_factor=4 if workers else None,
         )
 
@@ -292,7 +303,8 @@ class Trainer:
         self.prepare_steps()
         skipped = 0
         try:
-            with training_progress(self.console) as progress:
+            with training_progress(self.console) as progress, StopRequest(info.world, info.device,
+                                                                          self.console) as stop:
                 task = progress.add_task("train", total=total, completed=self.step, epoch=self.step // spe + 1,
                                          loss="-", acc="-", speed="-")
                 for im_q, im_k, labels, skip in self._batches(sampler):
@@ -301,7 +313,8 @@ class Trainer:
                     skipped += int(skip.sum())
                     progress.update(task, advance=1, epoch=f"{self.step // spe + (self.step % spe > 0)}/{cfg.epochs}")
                     epoch_end, run_end = self.step % spe == 0, self.step == total
-                    saving = epoch_end or run_end or (cfg.save_every and self.step % cfg.save_every == 0)
+                    stopping = not run_end and stop.agreed(at_log_step=self.step % cfg.log_every == 0)
+                    saving = epoch_end or run_end or stopping or (cfg.save_every and self.step % cfg.save_every == 0)
                     if saving or self.step % cfg.log_every == 0:
                         record = self._flush(meter, log, lr, spe)
                         progress.update(task, loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}",
@@ -312,6 +325,8 @@ class Trainer:
                         self._knn_monitor(log, meter)
                     if saving:
                         self._save(epoch_end)
+                    if stopping:
+                        raise stop.stopped(self.step, self.last_good)
         finally:
             log.close()
         return self._finish()
