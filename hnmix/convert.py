@@ -138,12 +138,21 @@ def settings_path(pkl_path: str | Path) -> Path:
     return Path(pkl_path).with_suffix(".yaml")
 
 
-def write_detectron2(weights: BackboneWeights, output: str | Path) -> tuple[Path, dict, ResNetSpec]:
+def write_detectron2(weights: BackboneWeights, output: str | Path,
+                     arch: str | None = None) -> tuple[Path, dict, ResNetSpec]:
     """Write the detectron2 pickle and, beside it, the YAML of config keys it needs."""
     if weights.cifar_stem:
         raise HnmixError(f"{weights.path} was pretrained with the CIFAR stem; detectron2's ResNet stem is "
                          "7x7 stride 2 with max-pool: pretrain without --cifar-stem")
+    if arch and arch.split(".")[0] not in _NAMES.values():  # "resnet50.tv_in1k": timm's pretrained tag
+        raise HnmixError(f"detectron2 conversion needs a ResNet ({', '.join(_NAMES.values())}), not --arch {arch}")
+    if arch:
+        resolve_arch(weights, arch, None)  # --arch against the checkpoint's own
     spec = inspect_resnet(weights.state_dict, str(weights.path))
+    if arch and arch.split(".")[0] != spec.name:
+        # the depth (and groups, width) detectron2 rebuilds come from the tensors: --arch must agree with them
+        raise HnmixError(f"--arch {arch} does not match {weights.path}, which holds a "
+                         f"{spec.name or f'ResNet-{spec.depth}'}")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": to_detectron2(weights.state_dict), "__author__": "hnmix", "matching_heuristics": True}
@@ -221,7 +230,7 @@ class ConvertResult:
 def convert(weights_path: str | Path, target: str, output: str | Path, arch: str | None = None) -> ConvertResult:
     weights = load_backbone_weights(weights_path)
     if target == "detectron2":
-        sfile, settings, spec = write_detectron2(weights, output)
+        sfile, settings, spec = write_detectron2(weights, output, arch)
         return ConvertResult(Path(output), target, weights.arch or spec.name, weights.source, sfile, settings)
     exporter = export_timm if target == "timm" else export_torchvision
     name = exporter(weights, output, arch)

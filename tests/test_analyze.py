@@ -250,6 +250,21 @@ def test_unlabelled_data(runner, tmp_path):
     assert "class_alignment" not in report["results"][0] and "alignment" in report["results"][0]
 
 
+def test_split_missing_from_a_dataset_root_is_refused(runner, tmp_path):
+    # read as an ImageFolder, a root holding train/ and val/ would give the "classes" train and val
+    root = tmp_path / "root"
+    write_brightness_split(root / "train", 6)
+    write_brightness_split(root / "val", 3)
+    w = str(save_hnmix_checkpoint(tmp_path / "last.pt", tiny_moco()))
+    assert_clean_error(run(runner, "uniformity", "-w", w, "--data", str(root), "--split", "test"),
+                       "has no split 'test' (it has train, val)")
+    assert not (tmp_path / "o").exists()
+    result = run(runner, "uniformity", "-w", w, "--data", str(root), "--split", "train", "-o", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "o" / "analysis.json").read_text())["data"]
+    assert data["images"] == 12 and data["classes"] == 2 and data["source"].endswith("train")
+
+
 def test_bad_input(runner, tmp_path, toy):
     w = str(save_hnmix_checkpoint(tmp_path / "last.pt", tiny_moco()))
     backbone = str(save_backbone(tmp_path / "backbone.pt", tiny_moco()))

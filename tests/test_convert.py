@@ -150,6 +150,23 @@ def test_refuses_what_detectron2_cannot_take(tmp_path, arch, cifar, needle):
     assert "Traceback" not in res.output and not (tmp_path / "o.pkl").exists()
 
 
+@pytest.mark.parametrize("name, arch, needle", [
+    ("backbone.pt", "resnet50", "--arch resnet50 does not match"),  # depth read from the tensors
+    ("last.pt", "resnet50", "does not match the checkpoint's arch resnet18"),
+    ("backbone.pt", "resnext50_32x4d", "which holds a resnet18"),
+    ("last.pt", "vit_tiny_patch16_224", "detectron2 conversion needs a ResNet"),
+])
+def test_detectron2_refuses_an_arch_the_weights_contradict(tmp_path, name, arch, needle):
+    sd = create_backbone("resnet18").state_dict()
+    torch.save(sd, tmp_path / "backbone.pt")
+    torch.save({"format": "hnmix-checkpoint", "model": {"encoder_q.backbone." + k: v for k, v in sd.items()},
+                "config": {"arch": "resnet18", "cifar_stem": False}}, tmp_path / "last.pt")
+    res = runner.invoke(app, ["convert", "-w", str(tmp_path / name), "--arch", arch, "-o", str(tmp_path / "o.pkl")])
+    assert res.exit_code == 2 and needle in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o.pkl").exists()
+    assert convert(tmp_path / name, "detectron2", tmp_path / "ok.pkl", arch="resnet18").arch == "resnet18"
+
+
 def test_timm_and_torchvision_exports_give_identical_outputs(r50, tmp_path):
     model, _, d = r50
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))

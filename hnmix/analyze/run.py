@@ -21,6 +21,7 @@ from hnmix.analyze import metrics as M
 from hnmix.analyze.config import NEEDS_LABELS, AnalyzeConfig
 from hnmix.analyze.encoders import Encoders, load_encoders, mochi_defaults
 from hnmix.analyze.plots import plot_all, series_labels
+from hnmix.config import DEMO
 from hnmix.data.augment import Normalize, moco_v2_augment
 from hnmix.data.labelled import describe_source, eval_transform
 from hnmix.data.pretrain import open_images, sample_seed
@@ -29,8 +30,21 @@ from hnmix.eval.features import autocast_dtype, eval_progress, make_loader, reso
 from hnmix.eval.lineval import sha256_file
 from hnmix.negatives.mochi import draw_mochi, mochi_from_draws
 
+# folder names that mark a dataset root (as opposed to an ImageFolder's class folders)
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 PAIR_METRICS = ("alignment", "false-negatives", "hardness", "proxy-accuracy")
 EMPTY = torch.zeros(0, dtype=torch.uint8)
+
+
+def open_split(data: str, split: str):
+    """open_images, refusing a root with split folders but not `split`: read as an ImageFolder, its
+    "classes" would be the splits themselves."""
+    if data != DEMO and not (Path(data) / split).is_dir():
+        present = [name for name in SPLIT_NAMES if (Path(data) / name).is_dir()]
+        if present:
+            raise HnmixError(f"{data} has no split '{split}' (it has {', '.join(present)}): "
+                             f"pass --split {' or '.join(present)}")
+    return open_images(data, split)
 
 
 class AnalysisViews(Dataset):
@@ -117,7 +131,7 @@ class Analysis:
         self.cfg, self.console = cfg, console
         self.device = resolve_device(cfg.device)
         self.dtype = autocast_dtype(self.device, cfg.precision)
-        self.images = open_images(cfg.data, cfg.split)
+        self.images = open_split(cfg.data, cfg.split)
         self.labelled = bool(self.images.classes) and min(self.images.labels) >= 0
         self.metrics = self._select_metrics()
         n = len(self.images)
