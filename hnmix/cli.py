@@ -46,8 +46,10 @@ def user_errors():
     try:
         yield
     except HnmixError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(getattr(e, "exit_code", 2)) from None
+        code = getattr(e, "exit_code", 2)  # a signal's code when a run stopped cleanly on Ctrl-C / SIGTERM
+        err_console.print(f"[bold red]error:[/] {e}" if code == 2 else f"[bold yellow]stopped:[/] {e}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
     except OSError as e:  # e.g. an --output path under an existing file, a full disk, no permission
         where = f": {e.filename}" if e.filename else ""
         err_console.print(f"[bold red]error:[/] {e.strerror or e}{where}", highlight=False, soft_wrap=True)
