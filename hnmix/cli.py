@@ -257,7 +257,7 @@ def convert(
         if weights is None or output is None:
             raise HnmixError("convert needs --weights FILE and --output FILE")
         cfg = load_config(ConvertConfig, None, {"weights": weights, "to": to, "output": output, "arch": arch})
-        from hnmix.convert import convert as run_convert
+        from hnmix.models.export import convert as run_convert
 
         result = run_convert(cfg.weights, cfg.to, cfg.output, cfg.arch)
         console = Console()

@@ -13,9 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hnmix.data.demo import DEMO
 from hnmix.errors import HnmixError
-
-DEMO = "demo"
 
 
 class Settings(BaseModel):

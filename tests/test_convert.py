@@ -16,9 +16,9 @@ import yaml
 from typer.testing import CliRunner
 
 from hnmix.cli import app
-from hnmix.convert import convert
 from hnmix.errors import HnmixError
 from hnmix.models.backbone import create_backbone
+from hnmix.models.export import convert
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -192,7 +192,7 @@ def test_torchvision_export_refuses_timm_only_archs(tmp_path):
 
 def test_convert_never_imports_detectron2(r50, tmp_path):
     _, _, d = r50
-    code = ("import sys; from hnmix.convert import convert; "
+    code = ("import sys; from hnmix.models.export import convert; "
             f"convert({str(d / 'backbone.pt')!r}, 'detectron2', {str(tmp_path / 'o.pkl')!r}); "
             "import hnmix.cli; assert 'detectron2' not in sys.modules, 'detectron2 imported'")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

@@ -37,7 +37,7 @@ def test_every_rank_holds_the_same_queue(tmp_path):
     script.write_text(
         "import torch, torch.distributed as dist, sys\n"
         "from hnmix.config import PretrainConfig\n"
-        "from hnmix.train import distributed\n"
+        "from hnmix.core import dist as distributed\n"
         "from hnmix.train.loop import Trainer\n"
         f"cfg = PretrainConfig(data='demo', arch='test_resnet', image_size=16, batch_size=8, queue_size=32, dim=16,"
         f" workers=0, epochs=1, max_steps=3, output=r'{tmp_path / 'q'}')\n"

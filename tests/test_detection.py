@@ -212,7 +212,7 @@ def converted(tmp_path_factory):
     pytest.importorskip("detectron2")
     import timm
 
-    from hnmix.convert import convert
+    from hnmix.models.export import convert
 
     d = tmp_path_factory.mktemp("w")
     torch.manual_seed(0)

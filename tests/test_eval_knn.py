@@ -105,7 +105,7 @@ def test_two_ranks_share_the_monitor_and_get_the_single_process_numbers(tmp_path
         "from hnmix.eval.features import extract_all_ranks\n"
         "from hnmix.eval.knn import KnnMonitor\n"
         "from hnmix.models.backbone import create_backbone\n"
-        "from hnmix.train import distributed\n"
+        "from hnmix.core import dist as distributed\n"
         "info = distributed.setup('cpu')\n"
         "torch.manual_seed(0)\n"
         "backbone = create_backbone('test_resnet')\n"

@@ -16,11 +16,11 @@ from evalkit import (
 from test_cli_pretrain import assert_clean_error
 
 from hnmix.cli import app
+from hnmix.core.log import MetricsLog
 from hnmix.errors import HnmixError
 from hnmix.eval.config import LinevalConfig
 from hnmix.eval.lineval import assert_backbone_unchanged, batched_topk, linear_classifier, train_linear
 from hnmix.models.backbone import create_backbone
-from hnmix.train.logging import MetricsLog
 
 SMALL = ["--workers", "0", "--batch-size", "16", "--device", "cpu"]
 

@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hnmix.config import PretrainConfig
+from hnmix.core import dist as distributed
 from hnmix.data.pretrain import RunBatches
-from hnmix.train import distributed
 from hnmix.train.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

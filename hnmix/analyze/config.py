@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hnmix.config import DEMO, Settings, _check_data_path
+from hnmix.config import Settings, _check_data_path
+from hnmix.data.demo import DEMO
 
 METRICS = ("uniformity", "alignment", "false-negatives", "hardness", "proxy-accuracy", "separation")
 NEEDS_LABELS = ("false-negatives", "separation")

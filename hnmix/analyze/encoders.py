@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from hnmix.config import PretrainConfig
+from hnmix.core.io import load_torch_dict
 from hnmix.errors import HnmixError
 from hnmix.models.moco import MoCo
-from hnmix.models.weights import CHECKPOINT_FORMAT, build_backbone, load_backbone_weights, load_file
+from hnmix.models.weights import CHECKPOINT_FORMAT, build_backbone, load_backbone_weights
 
 # buffers a checkpoint may or may not carry, depending on the hnmix version that wrote it
 OPTIONAL_KEYS = ("queue_labels",)
@@ -73,7 +74,7 @@ def load_encoders(path: str | Path, features: str, arch: str | None = None,
         backbone.eval()
         return Encoders(weights.path, "backbone", arch, backbone, backbone, None, None, None, None, None, None)
 
-    obj = load_file(path)
+    obj = load_torch_dict(path)
     if weights.source == CHECKPOINT_FORMAT:
         sd, cfg, epoch = dict(obj["model"]), obj.get("config", {}), obj.get("epoch")
     else:

@@ -21,12 +21,14 @@ from hnmix.analyze import metrics as M
 from hnmix.analyze.config import NEEDS_LABELS, AnalyzeConfig
 from hnmix.analyze.encoders import Encoders, load_encoders, mochi_defaults
 from hnmix.analyze.plots import plot_all, series_labels
-from hnmix.config import DEMO
+from hnmix.core.device import autocast_dtype, resolve_device
+from hnmix.core.log import eval_progress
 from hnmix.data.augment import Normalize, moco_v2_augment
+from hnmix.data.demo import DEMO
 from hnmix.data.labelled import describe_source, eval_transform
 from hnmix.data.pretrain import open_images, sample_seed
 from hnmix.errors import HnmixError
-from hnmix.eval.features import autocast_dtype, eval_progress, make_loader, resolve_device
+from hnmix.eval.features import make_loader
 from hnmix.eval.lineval import sha256_file
 from hnmix.negatives.mochi import draw_mochi, mochi_from_draws
 
@@ -130,7 +132,7 @@ class Analysis:
     def __init__(self, cfg: AnalyzeConfig, console: Console):
         self.cfg, self.console = cfg, console
         self.device = resolve_device(cfg.device)
-        self.dtype = autocast_dtype(self.device, cfg.precision)
+        self.dtype = autocast_dtype(cfg.precision, self.device)
         self.images = open_split(cfg.data, cfg.split)
         self.labelled = bool(self.images.classes) and min(self.images.labels) >= 0
         self.metrics = self._select_metrics()

@@ -14,6 +14,7 @@ from PIL import Image
 # eight well-separated colours; each image draws a distinct foreground/background pair, lightly perturbed
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [240, 240, 240], [20, 20, 20]], np.float64)
+DEMO = "demo"  # the --data value that selects this dataset
 CLASSES = ["disc", "square", "triangle", "hstripes", "vstripes", "dstripes", "checker", "ring", "cross", "dots"]
 
 

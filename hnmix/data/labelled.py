@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from hnmix.config import DEMO
+from hnmix.data.demo import DEMO, DemoImages
 from hnmix.data.folder import ImageFiles
 from hnmix.errors import HnmixError
 
@@ -67,7 +67,6 @@ def open_train_val(data: str | None, train: str | None = None, val: str | None =
 
     `data` is 'demo' or a root holding train/ and val/ (or test/); `train`/`val` name the folders directly.
     """
-    from hnmix.data.demo import DemoImages
 
     if train is None and val is None and data == DEMO:
         train_images, val_images = DemoImages("train"), DemoImages("val")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from hnmix.config import DEMO
 from hnmix.data.augment import moco_v2_augment
+from hnmix.data.demo import DEMO, DemoImages
 from hnmix.data.folder import ImageFiles, resolve_split
 from hnmix.errors import CorruptImageError, HnmixError
 
@@ -28,8 +28,6 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def open_images(data: str, split: str = "train"):
     """ImageFiles for a path (using `path/split` when present), DemoImages for 'demo'."""
     if data == DEMO:
-        from hnmix.data.demo import DemoImages
-
         return DemoImages(split)
     return ImageFiles(resolve_split(Path(data), split))
 

@@ -22,12 +22,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hnmix.core.log import progress_bar
 from hnmix.detection import require_detectron2
 from hnmix.detection.config import TransferDetectConfig
 from hnmix.detection.datasets import DatasetPlan, plan_coco, plan_voc
 from hnmix.detection.weights import DetectionWeights, resolve_weights
 from hnmix.errors import HnmixError
-from hnmix.train.logging import progress_bar
 
 console = Console()
 METRICS = ("AP", "AP50", "AP75")

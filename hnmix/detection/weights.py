@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from hnmix.convert import ResNetSpec, detectron2_settings, settings_path, write_detectron2
 from hnmix.errors import HnmixError
+from hnmix.models.export import ResNetSpec, detectron2_settings, settings_path, write_detectron2
 from hnmix.models.weights import load_backbone_weights
 
 CONVENTION_KEYS = ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT", "MODEL.RESNETS.DEPTH",

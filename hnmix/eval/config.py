@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hnmix.config import DEMO, Settings, _check_data_path
+from hnmix.config import Settings, _check_data_path
+from hnmix.data.demo import DEMO
 
 
 class LinevalConfig(Settings):

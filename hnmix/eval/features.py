@@ -7,32 +7,12 @@ import os
 from collections.abc import Callable
 
 import torch
-from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
+from hnmix.core.dist import all_gather, rank_and_world
 from hnmix.data.labelled import Labelled
 from hnmix.errors import HnmixError
-from hnmix.models.moco import all_gather, rank_and_world
-from hnmix.train.logging import progress_bar
-
-
-def resolve_device(pref: str) -> torch.device:
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise HnmixError("--device cuda was asked for, but no CUDA device is available")
-    if pref == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 autocast for the frozen forward on GPU ('auto'), fp32 elsewhere; classifiers always train in fp32."""
-    choice = precision if precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {"bf16": torch.bfloat16, "fp32": None}[choice]
-
-
-def eval_progress(console: Console) -> Progress:
-    return progress_bar(console, "{task.description}", "{task.fields[info]}")
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, shuffle: bool = False,

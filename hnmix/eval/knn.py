@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 
+from hnmix.core.dist import rank_and_world
 from hnmix.data.labelled import Labelled, eval_transform, open_train_val
 from hnmix.eval.features import extract_all_ranks, extract_features, rank_shard
-from hnmix.models.moco import rank_and_world
 
 KNN_K = 200
 KNN_T = 0.1

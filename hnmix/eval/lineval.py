@@ -21,6 +21,8 @@ from rich.table import Table
 from torch import nn
 
 from hnmix import __version__
+from hnmix.core.device import autocast_dtype, resolve_device
+from hnmix.core.log import MetricsLog, eval_progress
 from hnmix.data.augment import Normalize
 from hnmix.data.labelled import (
     Labelled,
@@ -31,10 +33,9 @@ from hnmix.data.labelled import (
 )
 from hnmix.errors import HnmixError
 from hnmix.eval.config import LinevalConfig
-from hnmix.eval.features import autocast_dtype, eval_progress, extract_features, make_loader, resolve_device
+from hnmix.eval.features import extract_features, make_loader
 from hnmix.eval.knn import knn_accuracy, topk_correct
 from hnmix.models.weights import build_backbone, load_backbone_weights
-from hnmix.train.logging import MetricsLog
 
 NOTES = {
     "moco": "MoCo linear protocol: frozen backbone, augmented training images",
@@ -123,7 +124,7 @@ class Lineval:
     def __init__(self, cfg: LinevalConfig, console: Console):
         self.cfg, self.console = cfg, console
         self.device = resolve_device(cfg.device)
-        self.dtype = autocast_dtype(self.device, cfg.precision)
+        self.dtype = autocast_dtype(cfg.precision, self.device)
         self.weights = load_backbone_weights(cfg.weights)
         self.backbone, self.arch, self.cifar_stem = build_backbone(self.weights, cfg.arch, cfg.cifar_stem)
         self.backbone.requires_grad_(False).eval().to(self.device)

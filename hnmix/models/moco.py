@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from hnmix.core.dist import all_gather, rank_and_world
 
 # (q, queue, l_neg) -> hnmix.negatives.Negatives (extra logits and/or a mask of kept queue entries)
 HardNegatives = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
@@ -32,21 +33,6 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-
-def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from every rank in rank order (no gradient); identity without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def contrastive_loss(logits: torch.Tensor, T: float, keep: torch.Tensor | None = None):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hnmix.core.io import load_torch_dict
 from hnmix.errors import HnmixError
 
 CHECKPOINT_FORMAT = "hnmix-checkpoint"
@@ -31,21 +32,8 @@ class BackboneWeights:
     config: dict = field(default_factory=dict)
 
 
-def load_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise HnmixError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, truncated files: all mean "not a checkpoint"
-        raise HnmixError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise HnmixError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
-
-
 def load_backbone_weights(path: str | Path) -> BackboneWeights:
-    obj = load_file(path)
+    obj = load_torch_dict(path)
     path = Path(path)
     if obj.get("format") == CHECKPOINT_FORMAT:
         cfg = obj.get("config", {})

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hnmix.core.io import load_torch_dict
 from hnmix.errors import HnmixError
-from hnmix.models.weights import CHECKPOINT_FORMAT, load_file
+from hnmix.models.weights import CHECKPOINT_FORMAT
 
 FORMAT_VERSION = 1
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write beside the target, fsync, then rename: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -64,7 +50,7 @@ def make_checkpoint(*, model, optimizer, scaler, epoch: int, step: int, config: 
 
 
 def load_checkpoint(path: Path) -> dict:
-    ckpt = load_file(path)
+    ckpt = load_torch_dict(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
         raise HnmixError(f"{path} is not an hnmix training checkpoint (cannot resume from it)")
     return ckpt

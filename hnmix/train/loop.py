@@ -15,6 +15,10 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 from hnmix.config import PretrainConfig
+from hnmix.core import dist as distributed
+from hnmix.core.device import autocast_dtype
+from hnmix.core.io import atomic_save
+from hnmix.core.log import MetricsLog, training_progress, truncate_metrics
 from hnmix.data.augment import Normalize
 from hnmix.data.pretrain import RunBatches, TwoViews, open_images, sample_seed
 from hnmix.errors import HnmixError
@@ -22,9 +26,7 @@ from hnmix.eval.knn import KnnMonitor, print_knn
 from hnmix.models.backbone import check_image_size, convert_split_bn, count_batchnorms, create_backbone
 from hnmix.models.moco import STAT_NAMES, MoCo
 from hnmix.negatives import build_strategy
-from hnmix.train import distributed
-from hnmix.train.checkpoint import atomic_save, load_checkpoint, make_checkpoint, set_rng_state
-from hnmix.train.logging import MetricsLog, training_progress, truncate_metrics
+from hnmix.train.checkpoint import load_checkpoint, make_checkpoint, set_rng_state
 from hnmix.train.stop import StopRequest, ignore_sigint_in_worker
 
 # settings a resumed run must share with its checkpoint: they shape the model or the data order
@@ -67,11 +69,6 @@ def resolve_bn(cfg: PretrainConfig, world: int, local_batch: int) -> tuple[str, 
         raise HnmixError(f"per-rank batch {local_batch} does not split into {splits} BN groups of 2 or more "
                          f"(--bn {mode})")
     return mode, splits
-
-
-def resolve_precision(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
-    choice = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[choice]
 
 
 def build_model(cfg: PretrainConfig, bn_mode: str, splits: int, world: int, console: Console) -> MoCo:
@@ -138,9 +135,7 @@ class Trainer:
             raise HnmixError(f"global batch {cfg.batch_size} is not divisible by {info.world} ranks")
         self.local_batch = cfg.batch_size // info.world
         self.bn_mode, self.splits = resolve_bn(cfg, info.world, self.local_batch)
-        self.dtype = resolve_precision(cfg, info.device)
-        if self.dtype == torch.float16 and info.device.type != "cuda":
-            raise HnmixError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        self.dtype = autocast_dtype(cfg.precision, info.device)
         if self.bn_mode == "sync" and info.world > 1 and info.device.type != "cuda":
             raise HnmixError("--bn sync needs GPUs (SyncBatchNorm has no CPU kernel); use --bn shuffle")
 

@@ -1,4 +1,5 @@
-"""Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): nccl on GPU, gloo on CPU."""
+"""Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): nccl on GPU, gloo on CPU,
+and the collectives the layers above share."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hnmix.errors import HnmixError
+from hnmix.core.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -26,16 +27,12 @@ class DistInfo:
 def setup(device_pref: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise HnmixError("--device cuda was asked for, but no CUDA device is available")
-    if use_cuda:
+    device = resolve_device(device_pref, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, device)
 
 
@@ -52,3 +49,18 @@ def teardown(finished: bool = True) -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from every rank in rank order (no gradient); identity without a process group."""
+    if rank_and_world()[1] == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)

@@ -88,9 +88,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     """Build the pretraining Trainer for cfg and time its step; returns the figures as a dict."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HnmixError("hnmix bench runs in one process; time one GPU, then multiply by the ranks")
+    from hnmix.core import dist as distributed
     from hnmix.data.pretrain import RunBatches
     from hnmix.negatives.mochi import from_config as mochi_from_config
-    from hnmix.train import distributed
     from hnmix.train.loop import Trainer, describe_method
 
     synthetic = cfg.data == SYNTHETIC

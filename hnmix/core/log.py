@@ -1,4 +1,4 @@
-"""Run-directory logging: metrics.jsonl, TensorBoard, and the rich progress display (main rank only)."""
+"""Run-directory logging: metrics.jsonl, TensorBoard, and the rich progress bars (main rank only)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,7 @@ def progress_bar(console: Console, label: str, info: str) -> Progress:
 def training_progress(console: Console) -> Progress:
     return progress_bar(console, "epoch {task.fields[epoch]}",
                         "loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} img/s")
+
+
+def eval_progress(console: Console) -> Progress:
+    return progress_bar(console, "{task.description}", "{task.fields[info]}")

@@ -1,0 +1,77 @@
+"""Files in and out: atomic writes, and loading user files without ever executing code from them."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from hnmix.errors import HnmixError
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """Write beside the target, fsync, then rename: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_torch_dict(path: str | Path) -> dict:
+    """A torch file holding a dict, loaded with weights_only=True (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HnmixError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if found := re.search(r"(?i)unsupported global:? ([\w.]+)", str(e)):  # a pickled object, maybe code
+            raise HnmixError(f"{path} holds a pickled {found.group(1)}, not only tensors and plain containers; "
+                             "hnmix never unpickles objects from a weights file") from None
+        raise HnmixError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # zip errors, truncated files: all mean "not a checkpoint"
+        raise HnmixError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise HnmixError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, numbers, strings and numpy arrays; refuses every other global, so a crafted
+    file cannot run code (pickle's REDUCE only ever calls what find_class returned)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"), ("builtins", "set"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def load_arrays_pickle(path: str | Path) -> dict:
+    """A pickled dict of numpy arrays (detectron2's .pkl weights), read without executing code."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = _ArraysOnly(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise HnmixError(f"{path} is not a plain pickle of arrays ({e}); hnmix never unpickles code") from None
+    except Exception as e:  # truncated, not a pickle at all
+        raise HnmixError(f"{path} is not a readable pickle ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise HnmixError(f"{path} holds a {type(data).__name__}, not a weights dict")
+    return data
+
