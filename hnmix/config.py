@@ -1,118 +1,92 @@
-"""Pydantic settings: the single source of truth for every option, its default, its help and its checks.
+"""Pretraining and benchmark settings: the single source of truth for every option of `hnmix pretrain` and
+`hnmix bench` - default, help, flags, checks (see hnmix.core.settings). Each hard-negative method brings
+its own section (hnmix.negatives.METHODS): `mochi: {n_hard, s, s_prime, start_epoch}`, ...
 
-Precedence: field defaults < ``--config FILE.yaml`` < explicit CLI flags < ``--set key=value``.
+Precedence: field defaults < `--config FILE.yaml` < flags < `--set key=value` (`--set mochi.s=512`).
 """
 
 from __future__ import annotations
 
-import difflib
 import re
-from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
+from hnmix.core.settings import Settings, setting
 from hnmix.data.demo import DEMO
+from hnmix.data.folder import check_data_path
 from hnmix.errors import HnmixError
+from hnmix.negatives import METHODS, MOCO, Method
+
+DATA, MODEL, HN, OPTIM, RUN = "Data", "Model", "Hard negatives", "Optimisation", "Run directory and devices"
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def save_yaml(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
-
-
-def _check_data_path(value: str) -> str:
-    if value != DEMO and not Path(value).exists():
-        raise ValueError(f"data path does not exist: {value}")
-    return value
-
-
-class PretrainConfig(Settings):
+class PretrainBase(Settings):
     # data
-    data: str = Field(DEMO, description="ImageFolder root, a root holding train/, a flat folder of images "
-                      "(searched recursively), or 'demo' for the built-in dataset")
-    image_size: int = Field(224, ge=8, description="crop size in pixels")
-    workers: int = Field(8, ge=0, description="data-loader worker processes per rank")
-    data_on_gpu: Literal["auto", "on", "off"] = Field(
-        "auto", description="decode the dataset once (cached on disk), hold it on the device and augment whole "
-        "batches there, without loader workers; auto = on for a CUDA device when the images are <= 256 px and "
-        "fit a quarter of its memory")
-    skip_corrupt: bool = Field(False, description="replace unreadable images by the next one (counted) "
-                               "instead of stopping")
+    data: str = setting(DEMO, "ImageFolder root, a root holding train/, a flat folder of images (searched "
+                        "recursively), or 'demo' for the built-in dataset", metavar="DIR", panel=DATA)
+    image_size: int = setting(224, "crop size in pixels", ge=8, panel=DATA)
+    workers: int = setting(8, "data-loader worker processes per rank", ge=0, panel=DATA)
+    data_on_gpu: Literal["auto", "on", "off"] = setting(
+        "auto", "decode the dataset once (cached on disk), hold it on the device and augment whole batches "
+        "there, without loader workers; auto = on for a CUDA device when the images are <= 256 px and fit a "
+        "quarter of its memory", panel=DATA)
+    skip_corrupt: bool = setting(False, "replace unreadable images by the next one (counted) instead of stopping",
+                                 panel=DATA)
     # model
-    arch: str = Field("resnet50", description="any timm model name")
-    cifar_stem: bool = Field(False, description="3x3 stride-1 stem without max-pool, for 32 px images")
-    zero_init_residual: bool = Field(True, description="start the last BN of each residual branch at weight 0 "
-                                     "(timm's ResNet init); false = torchvision's init, which official MoCo uses")
-    dim: int = Field(128, ge=1, description="embedding dimension")
-    mlp: bool = Field(True, description="2-layer MLP projection head (MoCo-v2)")
-    queue_size: int = Field(65536, ge=1, description="K, the number of queued negatives")
-    momentum: float = Field(0.999, ge=0, le=1, description="key-encoder EMA momentum m")
-    temperature: float = Field(0.2, gt=0, description="softmax temperature T")
-    bn: str = Field("auto", description="batch-norm mode: shuffle (DDP, as MoCo), split:G (G sub-batches on "
-                    "one device, emulates shuffle BN), sync, plain; auto = shuffle with several ranks, "
-                    "with one split:G, G <= 8 sub-batches of >= 32")
-    # hard negatives (hnmix.negatives; docs/methods.md)
-    method: str = Field("moco", description="moco (MoCo-v2), mochi (hard negative mixing), synco (six synthetic "
-                        "kinds), ring (conditional negative sampling)")
-    n_hard: int = Field(1024, ge=1, description="N: hardest queue negatives to synthesise from (mochi, synco)")
-    s: int = Field(1024, ge=0, description="MoCHi s: mixes of two hard negatives per query (under torchrun, "
-                   "whose parser takes --s for its own, write --mochi-s)")
-    s_prime: int = Field(128, ge=0, description="MoCHi s': mixes of the query with a hard negative")
-    mochi_start_epoch: int = Field(0, ge=0, description="MoCHi: first epoch (0-based) with synthetic negatives")
-    synco_counts: list[int] = Field([256, 256, 256, 64, 64, 64], description="SynCo: points per query of each "
-                                    "kind: interpolation, extrapolation, mixup, noise, gradient, adversarial "
-                                    "(0 switches one off)")
-    synco_sigma: float = Field(0.01, ge=0, description="SynCo: noise scale of kind 4")
-    synco_delta: float = Field(0.01, ge=0, description="SynCo: gradient step of kind 5")
-    synco_eta: float = Field(0.01, ge=0, description="SynCo: adversarial step of kind 6")
-    synco_start_epoch: int = Field(10, ge=0, description="SynCo: first epoch (0-based) with synthetic negatives")
-    ring_outer: float = Field(0.1, gt=0, le=1, description="Ring: share of the queue (hardest first) in the ring")
-    ring_inner: float = Field(0.1, ge=0, lt=1, description="Ring: share of the ring's hardest dropped as likely "
-                              "false negatives")
-    ring_anneal: Literal["none", "linear", "step", "exp"] = Field(
-        "linear", description="Ring: how the outer share shrinks from 1.0 to --ring-outer")
-    ring_anneal_epochs: int = Field(100, ge=0, description="Ring: epochs over which the outer share anneals")
-    oracle_labels: bool = Field(False, description="remove same-class queue negatives from each query's loss and "
-                                "from synthesis (needs labelled data: an upper bound, not self-supervised)")
+    arch: str = setting("resnet50", "any timm model name", panel=MODEL)
+    cifar_stem: bool = setting(False, "3x3 stride-1 stem without max-pool, for 32 px images", panel=MODEL)
+    zero_init_residual: bool = setting(True, "start the last BN of each residual branch at weight 0 (timm's "
+                                       "ResNet init); false = torchvision's init, which official MoCo uses",
+                                       panel=MODEL)
+    dim: int = setting(128, "embedding dimension", ge=1, panel=MODEL)
+    mlp: bool = setting(True, "2-layer MLP projection head (MoCo-v2)", panel=MODEL)
+    queue_size: int = setting(65536, "K, the number of queued negatives", flags=("--queue-size", "-K"), ge=1,
+                              panel=MODEL)
+    momentum: float = setting(0.999, "key-encoder EMA momentum m", ge=0, le=1, panel=MODEL)
+    temperature: float = setting(0.2, "softmax temperature T", gt=0, panel=MODEL)
+    bn: str = setting("auto", "batch-norm mode: shuffle (DDP, as MoCo), split:G (G sub-batches on one device, "
+                      "emulates shuffle BN), sync, plain; auto = shuffle with several ranks, with one split:G, G "
+                      "<= 8 sub-batches of >= 32", metavar="MODE", panel=MODEL)
+    # hard negatives (their own options: one section per method)
+    method: str = setting(MOCO, "moco = MoCo-v2; " + "; ".join(f"{m.name} = {m.summary}" for m in METHODS.values()),
+                          metavar="|".join((MOCO, *METHODS)), panel=HN)
+    oracle_labels: bool = setting(False, "remove same-class queue negatives from each query's loss and from "
+                                  "synthesis (needs labelled data: an upper bound, not self-supervised)", panel=HN)
     # optimisation
-    epochs: int = Field(200, ge=1, description="training epochs")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (schedule shortened to match)")
-    batch_size: int = Field(256, ge=1, description="GLOBAL batch size over all ranks")
-    lr: float = Field(0.03, gt=0, description="base learning rate for batch 256; effective = lr x batch/256")
-    wd: float = Field(1e-4, ge=0, description="weight decay")
-    sgd_momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    cos: bool = Field(True, description="cosine learning-rate schedule (else x0.1 at --schedule epochs)")
-    schedule: list[int] = Field([120, 160], description="epochs of the x0.1 steps when --no-cos")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="autocast precision; auto = bf16 on GPU, fp32 on CPU")
-    channels_last: bool = Field(True, description="channels-last memory format for conv nets")
-    compile: bool = Field(False, description="torch.compile the two encoders in place (checkpoint keys "
-                          "unchanged); the first steps compile (tens of seconds, longer on a CPU)")
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when available")
-    seed: int = Field(0, description="seed of data order, augmentations and synthetic draws")
-    # run directory
-    output: str = Field("runs/pretrain", description="run directory")
-    resume: str | None = Field(None, description="'auto' (last.pt in --output, if any) or a checkpoint path")
-    save_every: int = Field(0, ge=0, description="also checkpoint every this many steps (0 = each epoch end only)")
-    keep_every: int = Field(0, ge=0, description="keep a copy epoch_NNNN.pt every this many epochs (0 = none)")
-    log_every: int = Field(10, ge=1, description="steps between metric read-backs (metrics.jsonl, TensorBoard)")
-    knn_every: int = Field(0, ge=0, description="run the kNN monitor every this many epochs (0 = off)")
-    knn_data: str | None = Field(None, description="kNN monitor data: 'demo' or a root holding train/ (bank) and "
-                                 "val/ (queries); default: --data")
+    epochs: int = setting(200, "training epochs", ge=1, panel=OPTIM)
+    max_steps: int | None = setting(None, "stop after this many steps (schedule shortened to match)", ge=1,
+                                    panel=OPTIM)
+    batch_size: int = setting(256, "GLOBAL batch size over all ranks", ge=1, panel=OPTIM)
+    lr: float = setting(0.03, "base learning rate for batch 256; effective = lr x batch/256", gt=0, panel=OPTIM)
+    wd: float = setting(1e-4, "weight decay", ge=0, panel=OPTIM)
+    sgd_momentum: float = setting(0.9, "SGD momentum", ge=0, lt=1, panel=OPTIM)
+    cos: bool = setting(True, "cosine learning-rate schedule (else x0.1 at --schedule epochs)", panel=OPTIM)
+    schedule: list[int] = setting([120, 160], "epochs of the x0.1 steps when --no-cos", metavar="E1,E2,...",
+                                  panel=OPTIM)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", "autocast precision; auto = bf16 on GPU, fp32 on CPU", panel=OPTIM)
+    channels_last: bool = setting(True, "channels-last memory format for conv nets", panel=OPTIM)
+    compile: bool = setting(False, "torch.compile the two encoders in place (checkpoint keys unchanged); the "
+                            "first steps compile (tens of seconds, longer on a CPU)", panel=OPTIM)
+    seed: int = setting(0, "seed of data order, augmentations and synthetic draws", panel=OPTIM)
+    # run directory and devices
+    device: Literal["auto", "cuda", "cpu"] = setting("auto", "auto = cuda when available", panel=RUN)
+    output: str = setting("runs/pretrain", "run directory", flags=("--output", "-o"), metavar="DIR", panel=RUN)
+    resume: str | None = setting(None, "'auto' (last.pt in --output, if any) or a checkpoint path",
+                                 metavar="auto|FILE", panel=RUN)
+    save_every: int = setting(0, "also checkpoint every this many steps (0 = each epoch end only)", ge=0,
+                              panel=RUN)
+    keep_every: int = setting(0, "keep a copy epoch_NNNN.pt every this many epochs (0 = none)", ge=0, panel=RUN)
+    log_every: int = setting(10, "steps between metric read-backs (metrics.jsonl, TensorBoard)", ge=1, panel=RUN)
+    knn_every: int = setting(0, "run the kNN monitor every this many epochs (0 = off)", ge=0, panel=RUN)
+    knn_data: str | None = setting(None, "kNN monitor data: 'demo' or a root holding train/ (bank) and val/ "
+                                   "(queries); default: --data", metavar="DIR", panel=RUN)
 
-    @field_validator("data")
+    @field_validator("data", "knn_data")
     @classmethod
-    def _data_exists(cls, v: str) -> str:
-        return _check_data_path(v)
-
-    @field_validator("knn_data")
-    @classmethod
-    def _knn_data_exists(cls, v: str | None) -> str | None:
-        return v if v is None else _check_data_path(v)
+    def _data_exists(cls, v: str | None) -> str | None:
+        return v if v is None else check_data_path(v)
 
     @field_validator("arch")
     @classmethod
@@ -127,17 +101,8 @@ class PretrainConfig(Settings):
     @field_validator("method")
     @classmethod
     def _method_known(cls, v: str) -> str:
-        from hnmix.negatives import METHODS
-
-        if v not in METHODS:
-            raise ValueError(f"unknown method '{v}' (choose from {', '.join(METHODS)})")
-        return v
-
-    @field_validator("synco_counts")
-    @classmethod
-    def _six_counts(cls, v: list[int]) -> list[int]:
-        if len(v) != 6 or min(v) < 0:
-            raise ValueError(f"needs six non-negative counts, got {v}")
+        if v != MOCO and v not in METHODS:
+            raise ValueError(f"unknown method '{v}' (choose from {', '.join((MOCO, *METHODS))})")
         return v
 
     @field_validator("bn")
@@ -155,110 +120,90 @@ class PretrainConfig(Settings):
     @field_validator("resume")
     @classmethod
     def _resume_exists(cls, v: str | None) -> str | None:
+        from pathlib import Path
+
         if v not in (None, "auto") and not Path(v).is_file():
             raise ValueError(f"checkpoint not found: {v}")
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> PretrainConfig:
+    def _consistent(self):
         if self.queue_size % self.batch_size:
-            raise ValueError(f"queue_size K={self.queue_size} must be a multiple of the global batch size "
-                             f"{self.batch_size}")
+            raise ValueError(f"--queue-size K={self.queue_size} must be a multiple of the global batch size "
+                             f"{self.batch_size} (--batch-size)")
         if self.bn.startswith("split:") and self.batch_size % int(self.bn[6:]):
-            raise ValueError(f"batch_size {self.batch_size} does not split into {self.bn[6:]} BN groups")
-        synthetic = {"mochi": self.s + self.s_prime, "synco": sum(self.synco_counts)}.get(self.method, 0)
-        if synthetic:
-            if self.n_hard > self.queue_size:
-                raise ValueError(f"N={self.n_hard} hardest negatives cannot exceed the queue size "
-                                 f"K={self.queue_size}")
-            if self.n_hard < 2:
-                raise ValueError(f"synthetic negatives ({self.method}) need N >= 2, got N={self.n_hard}")
+            raise ValueError(f"--batch-size {self.batch_size} does not split into {self.bn[6:]} BN groups")
+        if (options := self.method_settings) is not None:
+            options.check(self.queue_size)
         return self
 
     @property
     def bn_splits(self) -> int | None:
         return int(self.bn[6:]) if self.bn.startswith("split:") else None
 
+    @property
+    def method_settings(self):
+        """The selected method's section (None for plain MoCo-v2)."""
+        return getattr(self, self.method) if self.method != MOCO else None
+
+    def describe_method(self) -> str:
+        options = self.method_settings
+        text = self.method + (f" ({options.describe()})" if options is not None else "")
+        return text + (" + label oracle" if self.oracle_labels else "")
+
+    def to_yaml_dict(self) -> dict:
+        """Every setting, but only the selected method's section (the others are unused defaults)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in METHODS or k == self.method}
+
+    @classmethod
+    def renamed(cls) -> dict[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+        """Settings of hnmix <= 0.1.0 (flat method options) -> their sections; old config.yaml files load."""
+        old = {("n_hard",): (("mochi", "n_hard"), ("synco", "n_hard")), ("s",): (("mochi", "s"),),
+               ("s_prime",): (("mochi", "s_prime"),), ("mochi_start_epoch",): (("mochi", "start_epoch"),)}
+        for name in ("counts", "sigma", "delta", "eta", "start_epoch"):
+            old[(f"synco_{name}",)] = (("synco", name),)
+        for name in ("outer", "inner", "anneal", "anneal_epochs"):
+            old[(f"ring_{name}",)] = (("ring", name),)
+        return {k: v for k, v in old.items() if all(p[0] in cls.model_fields for p in v)}
+
+
+def with_methods(base: type[Settings], methods: dict[str, Method], name: str) -> type[Settings]:
+    """`base` plus one nested section per method, named after it (its options' help panel: the method's)."""
+    sections = {m.name: (m.settings, Field(default_factory=m.settings, description=m.title,
+                                           json_schema_extra={"panel": m.title}))
+                for m in methods.values()}
+    return create_model(name, __base__=base, __module__=__name__, **sections)
+
+
+PretrainConfig = with_methods(PretrainBase, METHODS, "PretrainConfig")
 
 SYNTHETIC = "synthetic"
+BENCH = "Timing"
 
 
-class BenchConfig(PretrainConfig):
+class BenchBase(PretrainBase):
     """`hnmix bench`: a pretraining configuration plus how to time its step."""
 
-    data: str = Field(SYNTHETIC, description="'synthetic' (random views already on the device: the compute "
-                      "ceiling), 'demo', or an image folder (as pretrain --data)")
-    steps: int = Field(20, ge=1, description="timed steps per repeat")
-    warmup: int = Field(5, ge=0, description="untimed steps first (allocator, cuDNN autotuning, loader start)")
-    repeats: int = Field(1, ge=1, description="timed blocks; the median is reported (for noisy, shared machines)")
-    ceiling: bool = Field(True, description="with a dataset, also time synthetic views: the compute ceiling")
-    mochi_naive: bool = Field(False, description="MoCHi in the naive form (materialised (B, s, D) points), to "
-                              "measure what the fused form saves")
+    data: str = setting(SYNTHETIC, "'synthetic' (random views already on the device: the compute ceiling), "
+                        "'demo', or an image folder (as pretrain --data)", metavar="DIR", panel=DATA)
+    steps: int = setting(20, "timed steps per repeat", ge=1, panel=BENCH)
+    warmup: int = setting(5, "untimed steps first (allocator, cuDNN autotuning, loader start)", ge=0, panel=BENCH)
+    repeats: int = setting(1, "timed blocks; the median is reported (for noisy, shared machines)", ge=1,
+                           panel=BENCH)
+    ceiling: bool = setting(True, "with a dataset, also time synthetic views: the compute ceiling", panel=BENCH)
+    mochi_naive: bool = setting(False, "MoCHi in the naive form (materialised (B, s, D) points), to measure what "
+                                "the fused form saves", flags=("--mochi-naive/--mochi-fused",), panel=BENCH)
 
     @field_validator("data")
     @classmethod
     def _data_exists(cls, v: str) -> str:
-        return v if v == SYNTHETIC else _check_data_path(v)
+        return v if v == SYNTHETIC else check_data_path(v)
 
     @model_validator(mode="after")
-    def _naive_is_mochi(self) -> BenchConfig:
+    def _naive_is_mochi(self):
         if self.mochi_naive and self.method != "mochi":
             raise ValueError("--mochi-naive needs --method mochi")
         return self
 
 
-# --------------------------------------------------------------------------------------------- loading
-
-
-def parse_sets(sets: list[str]) -> dict:
-    """``--set key=value`` pairs; values are parsed as YAML scalars/lists (``5``, ``true``, ``[1,2]``)."""
-    out = {}
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise HnmixError(f"--set expects key=value, got '{item}'")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw.strip() else None
-    return out
-
-
-def _check_keys(cls: type[Settings], values: dict, origin: str) -> None:
-    fields = list(cls.model_fields)
-    for key in values:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise HnmixError(f"{origin}: unknown setting '{key}'{hint}")
-
-
-def load_config(cls: type[Settings], config_file: str | Path | None = None, overrides: dict | None = None,
-                sets: list[str] | None = None) -> Settings:
-    values: dict = {}
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise HnmixError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise HnmixError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise HnmixError(f"{path} must hold a mapping of settings")
-        _check_keys(cls, loaded, str(path))
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    set_values = parse_sets(sets or [])
-    _check_keys(cls, set_values, "--set")
-    values.update(set_values)
-    try:
-        return cls(**values)
-    except ValidationError as e:
-        raise HnmixError(format_validation_error(e)) from None
-
-
-def format_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "invalid settings: " + "; ".join(parts)
+BenchConfig = with_methods(BenchBase, METHODS, "BenchConfig")

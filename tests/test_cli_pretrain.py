@@ -31,7 +31,7 @@ def test_demo_run_writes_a_complete_run_directory(runner, tmp_path):
     assert "effective 0.0009375" in result.stdout and "1 x 8 per rank" in result.stdout  # 0.03 x 8/256
     assert {"config.yaml", "metrics.jsonl", "last.pt", "backbone.pt", "tb"} <= {p.name for p in out.iterdir()}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["method"] == "mochi" and cfg["n_hard"] == 8 and cfg["queue_size"] == 32
+    assert cfg["method"] == "mochi" and cfg["mochi"]["n_hard"] == 8 and cfg["queue_size"] == 32
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "img_per_s", "acc", "logit_pos", "logit_neg", "logit_syn"} <= set(records[-1])

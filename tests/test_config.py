@@ -2,7 +2,8 @@
 
 import pytest
 
-from hnmix.config import PretrainConfig, load_config
+from hnmix.config import PretrainConfig
+from hnmix.core.settings import load_config
 from hnmix.errors import HnmixError
 
 

@@ -87,7 +87,7 @@ def test_monitor_bad_data_fails_before_training(runner, tmp_path):
                        "the kNN monitor (--knn-every) needs labelled images")
     assert not (tmp_path / "r").exists()
     assert_clean_error(pretrain(runner, tmp_path / "r", "--knn-every", "1", "--knn-data", "/no/such"),
-                       "knn_data: data path does not exist")
+                       "--knn-data: data path does not exist")
     write_images(tmp_path / "d" / "train", 16, classes=["a", "b"])  # a pretraining root without val/
     assert_clean_error(pretrain(runner, tmp_path / "r", "--knn-every", "1", "--data", str(tmp_path / "d")),
                        "has no val/ or test/ folder")

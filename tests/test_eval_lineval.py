@@ -252,6 +252,6 @@ def test_backbone_check_is_wired_in(runner, tmp_path, checkpoint, monkeypatch):
 
 def test_missing_weights_file_is_a_settings_error():
     with pytest.raises(HnmixError, match="weights file not found"):
-        from hnmix.config import load_config
+        from hnmix.core.settings import load_config
 
         load_config(LinevalConfig, overrides={"weights": "/no/such.pt", "data": "demo"})

@@ -151,7 +151,7 @@ def test_pretrain_with_data_on_device_on_cpu(runner, tmp_path):
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("r1", "r2"))
     assert all(torch.equal(a[key], b[key]) for key in a)
     bad = runner.invoke(app, [*args, "--data-on-gpu", "maybe", "--output", str(tmp_path / "r3")])
-    assert bad.exit_code == 2 and "data_on_gpu" in bad.stderr
+    assert bad.exit_code == 2 and "--data-on-gpu" in bad.stderr
 
 
 def test_two_ddp_processes_equal_one_process_with_device_data(tmp_path):

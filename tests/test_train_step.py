@@ -10,15 +10,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hnmix.config import PretrainConfig
 from hnmix.core import dist as distributed
 from hnmix.data.pretrain import RunBatches
+from hnmix.train.data import TrainingData
 from hnmix.train.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ops that read a device value back, or copy host data to the device (torch.tensor(..., device=cuda))
 SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "lift_fresh", "aten.equal", "is_nonzero")
-METHODS = {"moco": {}, "mochi": {"n_hard": 8, "s": 4, "s_prime": 2},
-           "synco": {"n_hard": 8, "synco_counts": [1, 1, 1, 1, 1, 1], "synco_start_epoch": 0},
-           "ring": {"ring_outer": 0.5, "ring_inner": 0.25}}
+METHODS = {"moco": {}, "mochi": {"mochi": {"n_hard": 8, "s": 4, "s_prime": 2}},
+           "synco": {"synco": {"n_hard": 8, "counts": [1, 1, 1, 1, 1, 1], "start_epoch": 0}},
+           "ring": {"ring": {"outer": 0.5, "inner": 0.25}}}
 
 
 class HostSyncs(TorchDispatchMode):
@@ -36,9 +37,11 @@ def make_trainer(tmp_path, method, data_on_gpu, device="cpu"):
     cfg = PretrainConfig(data="demo", arch="test_resnet", image_size=16, batch_size=8, queue_size=32, dim=16,
                          workers=0, method=method, oracle_labels=True, data_on_gpu=data_on_gpu, device=device,
                          output=str(tmp_path / "run"), **METHODS[method])
-    trainer = Trainer(cfg, distributed.setup(device))
+    info = distributed.setup(device)
+    data = TrainingData(cfg, info)
+    trainer = Trainer(cfg, info, steps_per_epoch=10)
     trainer.prepare_steps()
-    return trainer, trainer._batches(RunBatches(len(trainer.dataset), 8, 0, 1, 0, epochs=1, total_steps=8))
+    return trainer, data.batches(RunBatches(len(data), 8, 0, 1, 0, epochs=1, total_steps=8))
 
 
 @pytest.fixture
@@ -131,7 +134,7 @@ def test_compiled_encoders_give_the_eager_step(tmp_path):
 def test_compile_option_compiles_both_encoders_in_place(tmp_path):
     cfg = PretrainConfig(data="demo", arch="test_resnet", image_size=16, batch_size=8, queue_size=32, dim=16,
                          workers=0, data_on_gpu="off", compile=True, output=str(tmp_path / "run"))
-    trainer = Trainer(cfg, distributed.setup("cpu"))
+    trainer = Trainer(cfg, distributed.setup("cpu"), steps_per_epoch=10)
     keys = list(trainer.model.state_dict())
     trainer.prepare_steps()
     assert trainer.model.encoder_q._compiled_call_impl is not None

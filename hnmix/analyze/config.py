@@ -7,8 +7,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hnmix.config import Settings, _check_data_path
+from hnmix.core.settings import Settings, setting
 from hnmix.data.demo import DEMO
+from hnmix.data.folder import check_data_path
 
 METRICS = ("uniformity", "alignment", "false-negatives", "hardness", "proxy-accuracy", "separation")
 NEEDS_LABELS = ("false-negatives", "separation")
@@ -16,8 +17,8 @@ NEEDS_LABELS = ("false-negatives", "separation")
 
 class AnalyzeConfig(Settings):
     metric: Literal["uniformity", "alignment", "false-negatives", "hardness", "proxy-accuracy", "separation",
-                    "all"] = Field(..., description="what to measure; all = every metric")
-    weights: list[str] = Field(..., min_length=1, description="weights files to compare (hnmix checkpoint, "
+                    "all"] = setting(..., "what to measure; all = every metric", argument=True, metavar="METRIC")
+    weights: list[str] = setting(..., flags=("--weights", "-w"), metavar="FILE", min_length=1, description="weights files to compare (hnmix checkpoint, "
                                "backbone.pt, official MoCo checkpoint); one plot series each")
     data: str = Field(..., description="'demo', an ImageFolder root, a root holding SPLIT/, or a flat folder")
     split: str = Field("val", description="split of --data to use when it holds one (demo: train or val)")
@@ -48,7 +49,7 @@ class AnalyzeConfig(Settings):
     precision: Literal["auto", "bf16", "fp32"] = Field("fp32", description="forward precision (fp32: metrics "
                                                        "compare exactly across runs)")
     seed: int = Field(0, description="seed of the image subset, augmentations and MoCHi draws")
-    output: str = Field("runs/analyze", description="directory for analysis.json and the plots")
+    output: str = setting("runs/analyze", flags=("--output", "-o"), metavar="DIR", description="directory for analysis.json and the plots")
 
     @field_validator("weights")
     @classmethod
@@ -61,7 +62,7 @@ class AnalyzeConfig(Settings):
     @field_validator("data")
     @classmethod
     def _data_exists(cls, v: str) -> str:
-        return _check_data_path(v)
+        return check_data_path(v)
 
     @model_validator(mode="after")
     def _demo_split(self) -> AnalyzeConfig:

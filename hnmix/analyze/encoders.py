@@ -14,6 +14,7 @@ from torch import nn
 
 from hnmix.config import PretrainConfig
 from hnmix.core.io import load_torch_dict
+from hnmix.core.settings import migrate_values
 from hnmix.errors import HnmixError
 from hnmix.models.moco import MoCo
 from hnmix.models.weights import CHECKPOINT_FORMAT, build_backbone, load_backbone_weights
@@ -36,6 +37,7 @@ class Encoders:
     mochi: dict | None  # the checkpoint's MoCHi N, s, s' when it trained with MoCHi
     image_size: int | None
     epoch: int | None
+    config_source: str = "the checkpoint's"
 
 
 def official_to_hnmix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,7 +74,8 @@ def load_encoders(path: str | Path, features: str, arch: str | None = None,
             raise HnmixError(f"{weights.path} holds only a backbone (no projection head, no queue): "
                              f"use --features backbone")
         backbone.eval()
-        return Encoders(weights.path, "backbone", arch, backbone, backbone, None, None, None, None, None, None)
+        return Encoders(weights.path, "backbone", arch, backbone, backbone, None, None, None, None,
+                        weights.config.get("image_size"), None, weights.config_source)
 
     obj = load_torch_dict(path)
     if weights.source == CHECKPOINT_FORMAT:
@@ -92,7 +95,8 @@ def load_encoders(path: str | Path, features: str, arch: str | None = None,
     labels = optional.get("queue_labels", getattr(model, "queue_labels", None))
     if labels is not None and bool((labels < 0).all()):
         labels = None  # nothing known: as if absent
-    mochi = {k: cfg[k] for k in ("n_hard", "s", "s_prime")} if cfg.get("method") == "mochi" else None
+    cfg = migrate_values(PretrainConfig, cfg)  # runs of older versions saved MoCHi's options flat
+    mochi = {k: cfg["mochi"][k] for k in ("n_hard", "s", "s_prime")} if cfg.get("method") == "mochi" else None
     if features == "head":
         query, key, queue = model.encoder_q, model.encoder_k, model.queue
     else:
@@ -102,5 +106,5 @@ def load_encoders(path: str | Path, features: str, arch: str | None = None,
 
 
 def mochi_defaults() -> dict:
-    fields = PretrainConfig.model_fields
-    return {k: fields[k].default for k in ("n_hard", "s", "s_prime")}
+    defaults = PretrainConfig().mochi
+    return {k: getattr(defaults, k) for k in ("n_hard", "s", "s_prime")}

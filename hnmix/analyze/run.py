@@ -30,6 +30,7 @@ from hnmix.data.pretrain import open_images, sample_seed
 from hnmix.errors import HnmixError
 from hnmix.eval.features import make_loader
 from hnmix.eval.lineval import sha256_file
+from hnmix.models.weights import choose_image_size
 from hnmix.negatives.mochi import draw_mochi, mochi_from_draws
 
 # folder names that mark a dataset root (as opposed to an ImageFolder's class folders)
@@ -144,6 +145,7 @@ class Analysis:
         self.normalize = Normalize().to(self.device)
         self.encoders = [load_encoders(w, cfg.features, cfg.arch, cfg.cifar_stem) for w in cfg.weights]
         self.labels = series_labels([e.path for e in self.encoders], [e.epoch for e in self.encoders])
+        self._sizes: dict = {}
 
     def _select_metrics(self) -> tuple[str, ...]:
         wanted = self.cfg.metrics
@@ -159,6 +161,12 @@ class Analysis:
         return tuple(m for m in wanted if m not in NEEDS_LABELS)
 
     # ------------------------------------------------------------------ encoding
+    def image_size(self, enc: Encoders) -> int:
+        if enc.path not in self._sizes:
+            self._sizes[enc.path] = choose_image_size(self.cfg.image_size, enc.image_size, enc.config_source,
+                                                      self.console)
+        return self._sizes[enc.path]
+
     @torch.no_grad()
     def encode(self, enc: Encoders, progress, label: str) -> dict[str, torch.Tensor]:
         """Unit features: 'eval' (query encoder, center crop), 'q'/'q2' (query encoder, views 1/2), 'k' (key
@@ -166,7 +174,7 @@ class Analysis:
         eval_view = any(m in self.metrics for m in ("uniformity", "separation")) or (
             "alignment" in self.metrics and self.labelled)
         pair = any(m in self.metrics for m in PAIR_METRICS)
-        size = self.cfg.image_size or enc.image_size or 224
+        size = self.image_size(enc)
         views = AnalysisViews(self.images, self.indices, size, self.cfg.seed, eval_view, pair)
         loader = make_loader(views, self.cfg.batch_size, self.cfg.workers, self.device)
         task = progress.add_task(f"encode {label}", total=len(loader), info="")
@@ -286,7 +294,8 @@ class Analysis:
                 enc.key.to(self.device).eval()
                 res = self.analyse(enc, self.encode(enc, progress, label))
                 results.append({"label": label, "weights": str(enc.path), "sha256": sha256_file(enc.path),
-                                "format": enc.source, "arch": enc.arch, "epoch": enc.epoch, **res})
+                                "format": enc.source, "arch": enc.arch, "epoch": enc.epoch,
+                                "image_size": self.image_size(enc), **res})
                 enc.query.cpu()
                 enc.key.cpu()
         out = Path(self.cfg.output)

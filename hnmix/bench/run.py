@@ -40,11 +40,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_batches(trainer, batch: int, size: int) -> Iterator[tuple]:
+def synthetic_batches(normalize, device: torch.device, batch: int, size: int) -> Iterator[tuple]:
     """The same two normalised random batches every step: no data work at all."""
-    device = trainer.info.device
     g = torch.Generator(device=device).manual_seed(0)
-    views = [trainer.normalize(torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device,
+    views = [normalize(torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device,
                                              dtype=torch.uint8)) for _ in range(2)]
     labels = torch.arange(batch, device=device) % 10
     skipped = torch.zeros(batch, dtype=torch.long)
@@ -88,48 +87,51 @@ def run_bench(cfg: BenchConfig) -> dict:
     """Build the pretraining Trainer for cfg and time its step; returns the figures as a dict."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HnmixError("hnmix bench runs in one process; time one GPU, then multiply by the ranks")
-    from hnmix.core import dist as distributed
+    from hnmix.core import dist
+    from hnmix.data.augment import Normalize
     from hnmix.data.pretrain import RunBatches
-    from hnmix.negatives.mochi import from_config as mochi_from_config
-    from hnmix.train.loop import Trainer, describe_method
+    from hnmix.negatives.mochi import strategy as mochi_strategy
+    from hnmix.train.data import TrainingData
+    from hnmix.train.loop import Trainer
 
     synthetic = cfg.data == SYNTHETIC
-    # synthetic views need no dataset: the demo set stands in for the Trainer's data source, unused
-    train_cfg = cfg.model_copy(update={"data": "demo", "data_on_gpu": "off"}) if synthetic else cfg
-    info = distributed.setup(cfg.device)
-    trainer = Trainer(train_cfg, info)
+    info = dist.setup(cfg.device)
+    data = None if synthetic else TrainingData(cfg, info)
+    strategy = mochi_strategy(cfg.mochi, fused=False) if cfg.mochi_naive else None
+    trainer = Trainer(cfg, info, steps_per_epoch=10**9, strategy=strategy)
     trainer.prepare_steps()
-    if cfg.mochi_naive:
-        trainer.strategy = mochi_from_config(cfg, fused=False)
+    normalize = Normalize(channels_last=cfg.channels_last).to(info.device)
 
     result = {
         "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
         "arch": cfg.arch + (" + CIFAR stem" if cfg.cifar_stem else ""), "image_size": cfg.image_size,
-        "batch_size": cfg.batch_size, "method": describe_method(cfg) + (" [naive]" if cfg.mochi_naive else ""),
+        "batch_size": cfg.batch_size, "method": cfg.describe_method() + (" [naive]" if cfg.mochi_naive else ""),
         "queue_size": cfg.queue_size, "precision": str(trainer.dtype or "fp32").replace("torch.", ""),
         "compiled": cfg.compile,
-        "data": SYNTHETIC if synthetic else f"{cfg.data}: {trainer.data_source}",
+        "data": SYNTHETIC if synthetic else f"{cfg.data}: {data.description}",
         "torch_threads": torch.get_num_threads() if info.device.type == "cpu" else None,
     }
     first: dict = {}
     if synthetic:
-        result.update(time_steps(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size), cfg, first))
+        result.update(time_steps(trainer, synthetic_batches(normalize, info.device, cfg.batch_size, cfg.image_size),
+                                 cfg, first))
     else:
-        sampler = RunBatches(len(trainer.dataset), cfg.batch_size, 0, 1, cfg.seed, epochs=10**6,
+        sampler = RunBatches(len(data), cfg.batch_size, 0, 1, cfg.seed, epochs=10**6,
                              total_steps=cfg.warmup + cfg.steps * cfg.repeats)
-        batches = trainer._batches(sampler)
+        batches = data.batches(sampler)
         try:
             result.update(time_steps(trainer, batches, cfg, first))
         finally:
             batches.close()  # stops the loader's workers
         if cfg.ceiling:
-            ceiling = time_steps(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size), cfg)
+            ceiling = time_steps(trainer, synthetic_batches(normalize, info.device, cfg.batch_size, cfg.image_size),
+                                 cfg)
             result["ceiling_img_per_s"] = ceiling["img_per_s"]
             result["share_of_ceiling"] = result["img_per_s"] / ceiling["img_per_s"]
     result["first_step_s"] = None if first.get("since_launch") is None else round(first["since_launch"], 2)
     if info.device.type == "cpu":
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    distributed.teardown()
+    dist.teardown()
     return result
 
 

@@ -34,7 +34,7 @@ def load_torch_dict(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if found := re.search(r"(?i)unsupported global:? ([\w.]+)", str(e)):  # a pickled object, maybe code
+        if found := re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e)):  # maybe code
             raise HnmixError(f"{path} holds a pickled {found.group(1)}, not only tensors and plain containers; "
                              "hnmix never unpickles objects from a weights file") from None
         raise HnmixError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None

@@ -8,9 +8,17 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from hnmix.data.demo import DEMO
 from hnmix.errors import CorruptImageError, HnmixError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def check_data_path(value: str) -> str:
+    """A --data value: 'demo' or an existing path (raises ValueError for settings validators)."""
+    if value != DEMO and not Path(value).exists():
+        raise ValueError(f"data path does not exist: {value}")
+    return value
 
 
 def resolve_split(root: Path, split: str) -> Path:

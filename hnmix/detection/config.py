@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hnmix.config import Settings
+from hnmix.core.settings import Settings, setting
 
 RECIPES = {"voc": ("c4",), "coco": ("c4-1x", "c4-2x", "fpn-1x", "fpn-2x")}
 DEFAULT_RECIPE = {"voc": "c4", "coco": "c4-1x"}
@@ -20,10 +20,11 @@ def _exists(value: str | None, what: str) -> str | None:
 
 
 class ConvertConfig(Settings):
-    weights: str = Field(..., description="hnmix checkpoint, hnmix backbone.pt, or official MoCo checkpoint")
+    weights: str = setting(..., "hnmix checkpoint, hnmix backbone.pt, or official MoCo checkpoint", flags=("--weights", "-w"),
+                          metavar="FILE")
     to: Literal["detectron2", "timm", "torchvision"] = Field(
         "detectron2", description="target format: detectron2 (.pkl + .yaml of config keys), timm or torchvision")
-    output: str = Field(..., description="file to write")
+    output: str = setting(..., "file to write", flags=("--output", "-o"), metavar="FILE")
     arch: str | None = Field(None, description="architecture, when the weights file does not say it")
 
     @field_validator("weights")
@@ -39,14 +40,15 @@ class ConvertConfig(Settings):
 
 
 class TransferDetectConfig(Settings):
-    task: Literal["voc", "coco"] = Field(..., description="voc: Faster R-CNN, VOC AP; coco: Mask R-CNN, COCO AP")
+    task: Literal["voc", "coco"] = setting(..., "voc: Faster R-CNN, VOC AP; coco: Mask R-CNN, COCO AP", argument=True,
+                                         metavar="voc|coco")
     data: str | None = Field(None, description="dataset root: $DETECTRON2_DATASETS-style (VOC2007 and VOC2012, or "
                              "coco/), any VOC-layout folder, or a folder with annotations/instances_*.json")
     images: str | None = Field(None, description="coco: image folder of a COCO-json dataset")
     annotations: str | None = Field(None, description="coco: COCO json of --images")
     val_images: str | None = Field(None, description="coco: image folder of a separate validation set")
     val_annotations: str | None = Field(None, description="coco: COCO json of --val-images")
-    weights: str = Field(..., description="converted .pkl, hnmix/MoCo checkpoint (converted on the fly), a "
+    weights: str = setting(..., flags=("--weights", "-w"), metavar="FILE", description="converted .pkl, hnmix/MoCo checkpoint (converted on the fly), a "
                          "detectron2 .pth, or 'none' for the random-init baseline")
     recipe: str | None = Field(None, description="voc: c4 (MoCo R50-C4 24k); coco: c4-1x, c4-2x, fpn-1x, fpn-2x "
                                "(default: c4 / c4-1x)")
@@ -67,11 +69,12 @@ class TransferDetectConfig(Settings):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of images held out for testing when the "
                                 "dataset has no split")
     split_seed: int = Field(0, description="seed of the held-out split made when the dataset has none")
-    output: str = Field("runs/detect", description="run directory")
+    output: str = setting("runs/detect", "run directory", flags=("--output", "-o"), metavar="DIR")
     resume: bool = Field(False, description="continue from the last checkpoint in --output")
     eval_only: bool = Field(False, description="evaluate --weights (or with --resume the last checkpoint) only")
-    d2_sets: list[str] = Field([], description="raw detectron2 config overrides KEY=VALUE")
-    verbose: bool = Field(False, description="show detectron2's log on the console (always in log.txt)")
+    d2_sets: list[str] = setting([], "raw detectron2 config override KEY=VALUE, e.g. --d2 MODEL.RPN.POST_NMS_TOPK_TEST=100 "
+                                 "(repeatable)", flags=("--d2",), metavar="KEY=VALUE")
+    verbose: bool = setting(False, flags=("--verbose/--quiet",), description="show detectron2's log on the console (always in log.txt)")
 
     @field_validator("data", "images", "annotations", "val_images", "val_annotations")
     @classmethod

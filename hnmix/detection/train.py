@@ -14,6 +14,7 @@ import logging
 import math
 import statistics
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hnmix.core.log import progress_bar
+from hnmix.core.stop import SignalFlag
 from hnmix.detection import require_detectron2
 from hnmix.detection.config import TransferDetectConfig
 from hnmix.detection.datasets import DatasetPlan, plan_coco, plan_voc
@@ -30,6 +32,18 @@ from hnmix.detection.weights import DetectionWeights, resolve_weights
 from hnmix.errors import HnmixError
 
 console = Console()
+
+
+class DetectStopped(BaseException):
+    """Raised inside detectron2's loop after a stop signal (a BaseException: its `except Exception` logs and
+    swallows nothing here); carries where the run was saved."""
+
+    def __init__(self, iteration: int, checkpoint: str):
+        super().__init__(iteration, checkpoint)
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
+STOP = SignalFlag(what="stopping after this iteration and saving a checkpoint")
 METRICS = ("AP", "AP50", "AP75")
 TRIAL_RESULTS = "trial_results.json"
 
@@ -72,17 +86,34 @@ def _trainer_class(job_verbose: bool = False):
     from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
     from detectron2.utils import comm
 
-    class RichProgress(HookBase):
+    class Progress(HookBase):
+        """A live bar in a terminal, plain lines in a log file; a stop signal saves the iteration and ends."""
+
         def before_train(self):
             self.bar = progress_bar(console, "fine-tune", "{task.fields[loss]}")
             self.task = self.bar.add_task("", total=self.trainer.max_iter, completed=self.trainer.start_iter, loss="")
             self.bar.start()
+            self.every = max(20, self.trainer.max_iter // 20)
+            self.started = time.perf_counter()
+            if not console.is_terminal:
+                console.print(f"fine-tuning from iteration {self.trainer.start_iter} to {self.trainer.max_iter}",
+                              highlight=False)
 
         def after_step(self):
+            done = self.trainer.iter + 1
             hist = self.trainer.storage.histories().get("total_loss")
             loss = f"loss {hist.median(20):.3f}" if hist else ""
-            self.bar.update(self.task, completed=self.trainer.iter + 1, loss=loss)
-            if self.trainer.iter + 1 == self.trainer.max_iter:
+            self.bar.update(self.task, completed=done, loss=loss)
+            if not console.is_terminal and (done % self.every == 0 or done == self.trainer.max_iter):
+                rate = (done - self.trainer.start_iter) / max(time.perf_counter() - self.started, 1e-9)
+                eta = (self.trainer.max_iter - done) / max(rate, 1e-9)
+                console.print(f"iteration {done}/{self.trainer.max_iter}  {loss}  {rate:.2f} it/s  ETA "
+                              f"{eta / 60:.0f} min", highlight=False)
+            if STOP.signal is not None:  # finish this iteration, save it, then stop (as pretrain does)
+                name = f"model_{self.trainer.iter:07d}"
+                self.trainer.checkpointer.save(name, iteration=self.trainer.iter)
+                raise DetectStopped(done, str(Path(self.trainer.cfg.OUTPUT_DIR) / f"{name}.pth"))
+            if done == self.trainer.max_iter:
                 self.bar.stop()  # precise BN and evaluation follow; their status lines need the console
 
         def after_train(self):
@@ -107,7 +138,7 @@ def _trainer_class(job_verbose: bool = False):
             return results
 
         def build_hooks(self):
-            return [*super().build_hooks(), RichProgress()] if comm.is_main_process() else super().build_hooks()
+            return [*super().build_hooks(), Progress()] if comm.is_main_process() else super().build_hooks()
 
     return Trainer
 
@@ -200,7 +231,6 @@ def plan_dataset(s: TransferDetectConfig, output: Path) -> DatasetPlan:
 def transfer_detect(s: TransferDetectConfig) -> dict:
     quiet_third_party(s.verbose)
     require_detectron2()
-    from detectron2.engine import launch
 
     output = Path(s.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -226,18 +256,15 @@ def transfer_detect(s: TransferDetectConfig) -> dict:
         console.print(f"  [yellow]note:[/] {note}", highlight=False)
 
     trials = []
-    for i in range(s.trials):
-        trial_dir = output if s.trials == 1 else output / f"trial{i}"
-        (trial_dir / TRIAL_RESULTS).unlink(missing_ok=True)
-        if s.trials > 1:
-            console.print(f"[bold]trial {i + 1}/{s.trials}[/] (seed {s.seed + i}) -> {trial_dir}")
-        job = TrialJob(s, plan, weights, device, s.seed + i, str(trial_dir))
-        launch(run_trial, s.num_gpus, dist_url="auto", args=(job,))
-        if not (trial_dir / TRIAL_RESULTS).is_file():
-            raise HnmixError(f"trial {i} ended without results; see {trial_dir}/log.txt")
-        trials.append(json.loads((trial_dir / TRIAL_RESULTS).read_text()))
+    with STOP:
+        for i in range(s.trials):
+            if STOP.signal is not None:  # the signal came during an evaluation: stop between trials
+                raise STOP.stopped(f"after trial {i} of {s.trials}: its results are in {output}; rerun the "
+                                   "remaining trials with --trials and --seed")
+            trials.append(run_one_trial(s, i, plan, weights, device, output))
 
     mean, std = aggregate(trials)
+
     results = {"task": s.task, "recipe": s.recipe_name, "model": f"{model} R{cfg.MODEL.RESNETS.DEPTH}-{head}",
                "dataset": plan.summary, "classes": len(plan.classes), "weights": weights.description,
                "iters": cfg.SOLVER.MAX_ITER, "batch_size": cfg.SOLVER.IMS_PER_BATCH, "device": device,
@@ -246,6 +273,26 @@ def transfer_detect(s: TransferDetectConfig) -> dict:
     (output / "results.json").write_text(json.dumps(results, indent=2))
     print_summary(results, output)
     return results
+
+
+def run_one_trial(s: TransferDetectConfig, i: int, plan, weights, device: str, output: Path) -> dict:
+    from detectron2.engine import launch
+
+    trial_dir = output if s.trials == 1 else output / f"trial{i}"
+    (trial_dir / TRIAL_RESULTS).unlink(missing_ok=True)
+    if s.trials > 1:
+        console.print(f"[bold]trial {i + 1}/{s.trials}[/] (seed {s.seed + i}) -> {trial_dir}")
+    console.print("building the model and the data loaders ...", highlight=False)
+    job = TrialJob(s, plan, weights, device, s.seed + i, str(trial_dir))
+    try:
+        launch(run_trial, s.num_gpus, dist_url="auto", args=(job,))
+    except DetectStopped as e:
+        again = "" if s.trials == 1 else f" (trials done: {i} of {s.trials})"
+        raise STOP.stopped(f"during trial {i + 1} after iteration {e.iteration}: saved {e.checkpoint}{again}; "
+                           f"continue with --resume (same --output)") from None
+    if not (trial_dir / TRIAL_RESULTS).is_file():
+        raise HnmixError(f"trial {i} ended without results; see {trial_dir}/log.txt")
+    return json.loads((trial_dir / TRIAL_RESULTS).read_text())
 
 
 def _fmt(v: float | None) -> str:

@@ -7,7 +7,6 @@ costs several AP, so every source says which convention it needs.
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from hnmix.core.io import load_arrays_pickle, load_torch_dict
 from hnmix.errors import HnmixError
 from hnmix.models.export import ResNetSpec, detectron2_settings, settings_path, write_detectron2
 from hnmix.models.weights import load_backbone_weights
@@ -62,13 +62,7 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _from_pkl(path: Path) -> DetectionWeights:
-    try:
-        with path.open("rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    except Exception as e:  # any unpickling failure means "not a detectron2 pickle"
-        raise HnmixError(f"{path} is not a readable pickle ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise HnmixError(f"{path} holds a {type(data).__name__}, not a detectron2 weights dict")
+    data = load_arrays_pickle(path)  # arrays and plain containers only: never runs code from the file
     author = data.get("__author__", "unknown")
     sidecar = settings_path(path)
     if sidecar.is_file():
@@ -83,13 +77,8 @@ def _from_pkl(path: Path) -> DetectionWeights:
 
 
 def _from_detectron2_checkpoint(path: Path) -> DetectionWeights:
-    import torch
-
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # corrupt or foreign file
-        raise HnmixError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    data = load_torch_dict(path)  # weights_only: tensors and plain containers, never code
+    if not isinstance(data.get("model"), dict):
         raise HnmixError(f"{path} is neither an hnmix/MoCo checkpoint nor a detectron2 checkpoint")
     run_config = path.parent / "config.yaml"  # a transfer-detect (or train_net) run directory
     settings = _convention(_read_yaml(run_config)) if run_config.is_file() else {}

@@ -7,12 +7,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hnmix.config import Settings, _check_data_path
+from hnmix.core.settings import Settings, setting
 from hnmix.data.demo import DEMO
+from hnmix.data.folder import check_data_path
 
 
 class LinevalConfig(Settings):
-    weights: str = Field(..., description="hnmix checkpoint (last.pt), hnmix backbone.pt, or official MoCo "
+    weights: str = setting(..., flags=("--weights", "-w"), metavar="FILE", description="hnmix checkpoint (last.pt), hnmix backbone.pt, or official MoCo "
                          "checkpoint (state_dict with module.encoder_q. keys)")
     protocol: Literal["moco", "fast", "knn"] = Field(
         "moco", description="moco: the MoCo paper's linear protocol (frozen backbone, augmented images); fast: "
@@ -45,7 +46,7 @@ class LinevalConfig(Settings):
                                                        "bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when available")
     seed: int = Field(0, description="seed of the classifier init and data order")
-    output: str | None = Field(None, description="run directory (default runs/lineval-PROTOCOL)")
+    output: str | None = setting(None, flags=("--output", "-o"), metavar="DIR", description="run directory (default runs/lineval-PROTOCOL)")
 
     @field_validator("weights")
     @classmethod
@@ -57,7 +58,7 @@ class LinevalConfig(Settings):
     @field_validator("data", "train", "val")
     @classmethod
     def _paths_exist(cls, v: str | None) -> str | None:
-        return v if v is None else _check_data_path(v)
+        return v if v is None else check_data_path(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> LinevalConfig:

@@ -35,7 +35,7 @@ from hnmix.errors import HnmixError
 from hnmix.eval.config import LinevalConfig
 from hnmix.eval.features import extract_features, make_loader
 from hnmix.eval.knn import knn_accuracy, topk_correct
-from hnmix.models.weights import build_backbone, load_backbone_weights
+from hnmix.models.weights import build_backbone, choose_image_size, load_backbone_weights
 
 NOTES = {
     "moco": "MoCo linear protocol: frozen backbone, augmented training images",
@@ -130,7 +130,8 @@ class Lineval:
         self.backbone.requires_grad_(False).eval().to(self.device)
         self.train_images, self.val_images = open_train_val(cfg.data, cfg.train, cfg.val)
         self.num_classes = len(self.train_images.classes)
-        self.image_size = cfg.image_size or self.weights.config.get("image_size") or 224
+        self.image_size = choose_image_size(cfg.image_size, self.weights.config.get("image_size"),
+                                            self.weights.config_source, console)
         self.normalize = Normalize().to(self.device)
         self.out = cfg.run_dir
         self.extract_kw = dict(batch_size=cfg.batch_size, workers=cfg.workers, device=self.device,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from hnmix.core.io import load_torch_dict
@@ -30,6 +31,7 @@ class BackboneWeights:
     arch: str | None = None
     cifar_stem: bool | None = None
     config: dict = field(default_factory=dict)
+    config_source: str = "the checkpoint's"  # whose arch, stem and image size these are: for messages
 
 
 def load_backbone_weights(path: str | Path) -> BackboneWeights:
@@ -46,18 +48,42 @@ def load_backbone_weights(path: str | Path) -> BackboneWeights:
         }
         return BackboneWeights(sd, "moco", path, obj.get("arch"))
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return BackboneWeights(dict(obj), "backbone", path)
+        cfg, where = run_config_beside(path)
+        return BackboneWeights(dict(obj), "backbone", path, cfg.get("arch"), cfg.get("cifar_stem"), cfg, where)
     raise HnmixError(
         f"{path} is not an hnmix checkpoint, an hnmix backbone.pt, or an official MoCo checkpoint"
     )
 
 
+def run_config_beside(path: Path) -> tuple[dict, str]:
+    """The settings of the run a backbone.pt comes from: hnmix writes config.yaml beside it. ({}, "") if none."""
+    config = path.parent / "config.yaml"
+    try:
+        cfg = yaml.safe_load(config.read_text()) if config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        cfg = None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("arch"), str):
+        return {}, ""
+    return cfg, f"the run's ({config})"
+
+
+def choose_image_size(flag: int | None, trained: int | None, source: str, console) -> int:
+    """--image-size, else the size the weights were trained at (their checkpoint, or the config.yaml beside a
+    backbone.pt), else 224; a flag that contradicts the run is honoured, with a warning."""
+    if flag and trained and flag != trained:
+        console.print(f"[yellow]warning:[/] --image-size {flag} differs from {source} image size {trained}; "
+                      f"evaluating at {flag} px", soft_wrap=True)
+    return flag or trained or 224
+
+
 def resolve_arch(weights: BackboneWeights, arch: str | None, cifar_stem: bool | None) -> tuple[str, bool]:
-    """The checkpoint's own arch wins; a conflicting --arch is an error, a missing one for plain files too."""
+    """The weights' own arch wins (checkpoint, or the run's config.yaml beside a backbone.pt); a conflicting
+    --arch is an error (the weights could not load), a missing one for plain files too."""
     if weights.arch and arch and arch != weights.arch:
-        raise HnmixError(f"--arch {arch} does not match the checkpoint's arch {weights.arch} ({weights.path})")
+        raise HnmixError(f"--arch {arch} does not match {weights.config_source} arch {weights.arch} "
+                         f"({weights.path})")
     if weights.cifar_stem is not None and cifar_stem is not None and cifar_stem != weights.cifar_stem:
-        raise HnmixError(f"--cifar-stem={cifar_stem} does not match the checkpoint ({weights.path})")
+        raise HnmixError(f"--cifar-stem={cifar_stem} does not match {weights.config_source} stem ({weights.path})")
     final = weights.arch or arch
     if not final:
         raise HnmixError(f"{weights.path} does not say its architecture: pass --arch")

@@ -24,6 +24,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from hnmix.core.settings import setting
+from hnmix.negatives.base import Method, MethodSettings, Negatives, Strategy
+
 # elements of one gathered (B, chunk, D) block of queue rows in the pairwise dots: 64 MB in fp32, few
 # enough chunks at MoCHi's sizes that kernel launches stay negligible
 PAIR_CHUNK_ELEMENTS = 1 << 24
@@ -136,15 +139,39 @@ def mochi_naive(q: torch.Tensor, queue: torch.Tensor, l_neg: torch.Tensor, *, n_
     return mochi_naive_from_draws(q, queue, l_neg, draws, n_hard)
 
 
-def from_config(cfg, fused: bool = True):
+class MochiSettings(MethodSettings):
+    n_hard: int = setting(1024, "N: the hardest queue negatives each query mixes", flags=("--N",), ge=1)
+    s: int = setting(1024, "s: mixes of two hard negatives per query (torchrun's parser claims --s: write "
+                     "--mochi-s there)", flags=("--s", "--mochi-s"), ge=0)
+    s_prime: int = setting(128, "s': mixes of the query with a hard negative", flags=("--s-prime",), ge=0)
+    start_epoch: int = setting(0, "first epoch (0-based) with synthetic negatives", ge=0)
+
+    def describe(self) -> str:
+        return f"N={self.n_hard}, s={self.s}, s'={self.s_prime}, from epoch {self.start_epoch}"
+
+    def check(self, queue_size: int) -> None:
+        if self.synthesises and self.n_hard < 2:
+            raise ValueError(f"synthetic negatives (mochi) need N >= 2, got N={self.n_hard}")
+        if self.n_hard > queue_size:
+            raise ValueError(f"--N {self.n_hard} hardest negatives cannot exceed the queue size "
+                             f"--queue-size {queue_size}")
+
+    @property
+    def synthesises(self) -> bool:
+        return self.s + self.s_prime > 0
+
+
+def strategy(settings: MochiSettings, fused: bool = True) -> Strategy:
     synthesise = mochi if fused else mochi_naive
 
-    def strategy(q, queue, l_neg, *, generator, epoch):
-        from hnmix.negatives import Negatives
-
-        if epoch < cfg.mochi_start_epoch or not (cfg.s or cfg.s_prime):
+    def hard_negatives(q, queue, l_neg, *, generator, epoch) -> Negatives:
+        if epoch < settings.start_epoch or not settings.synthesises:
             return Negatives()
-        return Negatives(extra=synthesise(q, queue, l_neg, n_hard=cfg.n_hard, s=cfg.s, s_prime=cfg.s_prime,
-                                          generator=generator))
+        return Negatives(extra=synthesise(q, queue, l_neg, n_hard=settings.n_hard, s=settings.s,
+                                          s_prime=settings.s_prime, generator=generator))
 
-    return strategy
+    return hard_negatives
+
+
+METHOD = Method("mochi", "mix the N hardest negatives (s pairs, s' with the query)", "MoCHi (--method mochi)",
+                MochiSettings, strategy)

@@ -9,8 +9,12 @@ dropped. The loss then ignores dropped negatives exactly (masked log-sum-exp). `
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+
+from hnmix.core.settings import setting
+from hnmix.negatives.base import Method, MethodSettings, Negatives, Strategy
 
 
 def ring_bounds(num_negatives: int, outer: float, inner: float) -> tuple[int, int]:
@@ -42,11 +46,24 @@ def annealed_outer(final: float, schedule: str, epoch: float, anneal_epochs: int
     raise ValueError(f"unknown ring anneal schedule '{schedule}'")
 
 
-def from_config(cfg):
-    def strategy(q, queue, l_neg, *, generator, epoch):
-        from hnmix.negatives import Negatives
+class RingSettings(MethodSettings):
+    outer: float = setting(0.1, "share of the queue (hardest first) in the ring", gt=0, le=1)
+    inner: float = setting(0.1, "share of the ring's hardest dropped as likely false negatives", ge=0, lt=1)
+    anneal: Literal["none", "linear", "step", "exp"] = setting(
+        "linear", "how the outer share shrinks from 1.0 to --ring-outer")
+    anneal_epochs: int = setting(100, "epochs over which the outer share anneals", ge=0)
 
-        outer = annealed_outer(cfg.ring_outer, cfg.ring_anneal, epoch, cfg.ring_anneal_epochs)
-        return Negatives(keep=ring_mask(l_neg, outer=outer, inner=cfg.ring_inner))
+    def describe(self) -> str:
+        return f"outer {self.outer}, inner {self.inner}, anneal {self.anneal} over {self.anneal_epochs} epochs"
 
-    return strategy
+
+def strategy(settings: RingSettings) -> Strategy:
+    def hard_negatives(q, queue, l_neg, *, generator, epoch) -> Negatives:
+        outer = annealed_outer(settings.outer, settings.anneal, epoch, settings.anneal_epochs)
+        return Negatives(keep=ring_mask(l_neg, outer=outer, inner=settings.inner))
+
+    return hard_negatives
+
+
+METHOD = Method("ring", "keep a ring of hard-but-not-too-hard negatives", "Ring (--method ring)", RingSettings,
+                strategy)

@@ -18,6 +18,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
+
+from hnmix.core.settings import setting
+from hnmix.negatives.base import Method, MethodSettings, Negatives, Strategy
 
 SYNCO_TYPES = ("interpolation", "extrapolation", "mixup", "noise", "gradient", "adversarial")
 
@@ -81,14 +85,49 @@ def synco(q: torch.Tensor, queue: torch.Tensor, l_neg: torch.Tensor, *, n_hard: 
     return synco_from_draws(q, queue, l_neg, draws, n_hard=n_hard, sigma=sigma, delta=delta, eta=eta)
 
 
-def from_config(cfg):
-    def strategy(q, queue, l_neg, *, generator, epoch):
-        from hnmix.negatives import Negatives
+class SyncoSettings(MethodSettings):
+    n_hard: int = setting(1024, "N: the hardest queue negatives the points are built from", flags=("--N", "--synco-n"),
+                          ge=1)
+    counts: list[int] = setting([256, 256, 256, 64, 64, 64], "points per query of each kind: interpolation, "
+                                "extrapolation, mixup, noise, gradient, adversarial (0 switches one off)",
+                                metavar="N1,...,N6")
+    sigma: float = setting(0.01, "noise scale of kind 4", ge=0)
+    delta: float = setting(0.01, "gradient step of kind 5", ge=0)
+    eta: float = setting(0.01, "adversarial step of kind 6", ge=0)
+    start_epoch: int = setting(10, "first epoch (0-based) with synthetic negatives", ge=0)
 
-        if epoch < cfg.synco_start_epoch or not sum(cfg.synco_counts):
+    @field_validator("counts")
+    @classmethod
+    def _six_counts(cls, v: list[int]) -> list[int]:
+        if len(v) != 6 or min(v) < 0:
+            raise ValueError(f"needs six non-negative counts, got {v}")
+        return v
+
+    def describe(self) -> str:
+        return (f"N={self.n_hard}, counts {self.counts}, sigma={self.sigma}, delta={self.delta}, eta={self.eta}, "
+                f"from epoch {self.start_epoch}")
+
+    def check(self, queue_size: int) -> None:
+        if self.synthesises and self.n_hard < 2:
+            raise ValueError(f"synthetic negatives (synco) need N >= 2, got N={self.n_hard}")
+        if self.n_hard > queue_size:
+            raise ValueError(f"--synco-n {self.n_hard} hardest negatives cannot exceed the queue size "
+                             f"--queue-size {queue_size}")
+
+    @property
+    def synthesises(self) -> bool:
+        return sum(self.counts) > 0
+
+
+def strategy(settings: SyncoSettings) -> Strategy:
+    def hard_negatives(q, queue, l_neg, *, generator, epoch) -> Negatives:
+        if epoch < settings.start_epoch or not settings.synthesises:
             return Negatives()
-        return Negatives(extra=synco(q, queue, l_neg, n_hard=cfg.n_hard, counts=cfg.synco_counts,
-                                     sigma=cfg.synco_sigma, delta=cfg.synco_delta, eta=cfg.synco_eta,
+        return Negatives(extra=synco(q, queue, l_neg, n_hard=settings.n_hard, counts=settings.counts,
+                                     sigma=settings.sigma, delta=settings.delta, eta=settings.eta,
                                      generator=generator))
 
-    return strategy
+    return hard_negatives
+
+
+METHOD = Method("synco", "six kinds of synthetic hard negatives", "SynCo (--method synco)", SyncoSettings, strategy)

@@ -1,0 +1,284 @@
+"""Command-line options generated from the settings models: one definition per setting (hnmix.core.settings).
+
+`settings_command(app, cls, run, ...)` adds a typer command whose options are cls's fields: field path ->
+flag (`--field-name`, `--section-field`, or the flags declared on the field), bool -> `--x/--no-x`,
+Literal -> choices, lists -> comma-separated values, description -> help (with the default), panel ->
+a help section. Plus `--config FILE.yaml` and `--set key=value`. The command loads and validates the
+settings once (errors name the flag the user typed) and hands them to `run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import textwrap
+import types
+import typing
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.console import Console
+from typer.core import TyperCommand
+
+from hnmix.core.settings import canonical_flag, field_extra, known_paths, load_settings
+from hnmix.errors import HnmixError
+
+err_console = Console(stderr=True)
+USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, as typer ships it (unknown option, bad value)
+assert USAGE_ERROR.__name__ == "UsageError"
+OTHER = "Other options"
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Problems the user can fix end the command with one red line and exit code 2, never a traceback."""
+    try:
+        yield
+    except HnmixError as e:
+        code = getattr(e, "exit_code", 2)  # a signal's code when a run stopped cleanly on Ctrl-C / SIGTERM
+        err_console.print(f"[bold red]error:[/] {e}" if code == 2 else f"[bold yellow]stopped:[/] {e}",
+                          highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(code) from None
+    except OSError as e:  # e.g. an --output path under an existing file, a full disk, no permission
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(f"[bold red]error:[/] {e.strerror or e}{where}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+class SettingsCommand(TyperCommand):
+    """Plain help (wraps at any width instead of cutting words) in sections by panel; remembers the raw
+    arguments so that errors can name the alias the user typed."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["hnmix_args"] = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except USAGE_ERROR as e:  # a bad flag or value: one line, as every other user error
+            err_console.print(f"[bold red]error:[/] {e.format_message()} (hnmix {ctx.info_name} --help lists the "
+                              "options)", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list] = defaultdict(list)
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                if not param.hidden:
+                    sections["Arguments"].append((param.metavar or param.name.upper(), param.help or ""))
+                continue
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections[getattr(param, "rich_help_panel", None) or OTHER].append(record)
+        column = min(max(len(term) for records in sections.values() for term, _ in records) + 2, 32)
+        for name, records in sorted(sections.items(), key=lambda kv: (kv[0] != "Arguments", kv[0] == OTHER)):
+            panels = set(sections) - {"Arguments"}
+            with formatter.section("Options" if panels == {OTHER} else name):
+                write_definitions(formatter, records, column)
+
+
+def write_definitions(formatter, records: list[tuple[str, str]], column: int) -> None:
+    """click's definition list, but words are never split (a path in a help text stays whole): the text
+    column wraps at the terminal's width, a term longer than the column gets a line of its own."""
+    indent = " " * formatter.current_indent
+    width = max(formatter.width - formatter.current_indent - column, 20)
+    for term, text in records:
+        lines = textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False) or [""]
+        if len(term) + 2 > column:
+            formatter.write(f"{indent}{term}\n")
+            lines_out = lines
+        else:
+            formatter.write(f"{indent}{term:<{column}}{lines[0]}\n")
+            lines_out = lines[1:]
+        for line in lines_out:
+            formatter.write(f"{indent}{' ' * column}{line}\n")
+
+
+@dataclass
+class Flag:
+    """One command-line option: the setting paths it sets and its option strings."""
+
+    name: str  # the python parameter name
+    paths: list[tuple[str, ...]]
+    decls: list[str]
+    field: Any
+    panel: str | None
+    extra_help: str = ""
+    aliases: list[str] = field(default_factory=list)
+
+
+def _base_type(annotation):
+    """(plain type, is optional) of an annotation such as `int | None`."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else str), True
+    return annotation, False
+
+
+def _is_sequence(tp) -> bool:
+    return typing.get_origin(tp) in (list, tuple)
+
+
+def _default_text(field_info) -> str:
+    if field_info.is_required():
+        return " [required]"
+    default = field_info.get_default(call_default_factory=True)
+    if default is None:
+        return ""
+    if isinstance(default, list | tuple):
+        default = ",".join(map(str, default))
+    return f" [default: {str(default).lower() if isinstance(default, bool) else default}]"
+
+
+def collect_flags(cls) -> list[Flag]:
+    """The options of a settings model; a flag declared on several fields (e.g. --N for every method's N)
+    becomes one option that sets all of them."""
+    by_decl: dict[str, list[tuple[str, ...]]] = defaultdict(list)
+    fields = {p: f for p, f in known_paths(cls).items() if field_extra(f)["cli"] and not field_extra(f)["argument"]}
+    declared: dict[tuple[str, ...], list[str]] = {}
+    for path, f in fields.items():
+        decls = field_extra(f)["flags"] or ["--" + "-".join(path).replace("_", "-")]
+        declared[path] = decls
+        for d in decls:
+            for one in d.split("/")[:1]:
+                by_decl[one].append(path)
+    flags, shared_done = [], set()
+    for path, f in fields.items():
+        panel = field_extra(f)["panel"] or _section_panel(cls, path)
+        own = [d for d in declared[path] if len(by_decl[d.split("/")[0]]) == 1]
+        if own:
+            flags.append(Flag("f_" + "__".join(path), [path], own, f, panel))
+        for d in declared[path]:
+            sharers = by_decl[d.split("/")[0]]
+            if len(sharers) > 1 and d not in shared_done:
+                shared_done.add(d)
+                names = ", ".join(".".join(p) for p in sharers)
+                flags.append(Flag("f_" + d.strip("-").replace("-", "_") + "__shared", sharers, [d], f, panel,
+                                  f" (sets {names})"))
+    return flags
+
+
+def _section_panel(cls, path: tuple[str, ...]) -> str | None:
+    """A nested section's fields go to the section's panel (its field's panel, else its description)."""
+    if len(path) < 2:
+        return None
+    section = cls.model_fields[path[0]]
+    return field_extra(section)["panel"] or section.description
+
+
+def option_parameter(flag: Flag) -> inspect.Parameter:
+    f, extra = flag.field, field_extra(flag.field)
+    tp, _ = _base_type(f.annotation)
+    help_text = f"{f.description}{flag.extra_help}{_default_text(f)}"
+    kwargs: dict[str, Any] = dict(help=help_text, show_default=False, rich_help_panel=flag.panel)
+    decls = list(flag.decls)
+    if tp is bool:
+        if "/" not in decls[0]:
+            decls[0] = f"{decls[0]}/--no-{decls[0].lstrip('-')}"
+        annotation = bool | None
+    elif typing.get_origin(tp) is Literal:  # pydantic checks the choice: its error names the flag, in one line
+        annotation = str | None
+        kwargs["metavar"] = extra["metavar"] or "<" + "|".join(map(str, typing.get_args(tp))) + ">"
+    elif _is_sequence(tp):
+        annotation = str | None
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+        kwargs["metavar"] = extra["metavar"] or f"{getattr(item, '__name__', 'X').upper()},..."
+    else:
+        annotation = (tp if tp in (int, float, str) else str) | None
+        kwargs["metavar"] = extra["metavar"] or {int: "INT", float: "FLOAT"}.get(tp, "TEXT")
+    return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[annotation, typer.Option(*decls, **kwargs)])
+
+
+def argument_parameter(name: str, f) -> inspect.Parameter:
+    tp, optional = _base_type(f.annotation)
+    multiple = typing.get_origin(tp) is list
+    annotation = list[str] if multiple else str
+    default = None if (optional or multiple or not f.is_required()) else ...
+    metavar = field_extra(f)["metavar"]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[
+        annotation | None if default is None else annotation,
+        typer.Argument(help=f.description, show_default=False, metavar=metavar)])
+
+
+def typed_flag(flag: Flag, raw_args: list[str]) -> str:
+    """The option string the user typed for this flag (the last one, as the parser keeps the last value)."""
+    strings = [s for d in flag.decls for s in d.split("/")]
+    for arg in reversed(raw_args):
+        name = arg.split("=", 1)[0]
+        if name in strings:
+            return name.split("/")[0]
+    return strings[0]
+
+
+def parse_value(flag: Flag, value):
+    tp, _ = _base_type(flag.field.annotation)
+    if _is_sequence(tp) and isinstance(value, str):
+        return [v.strip() for v in value.replace(" ", ",").split(",") if v.strip()]
+    return value
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", metavar="FILE.yaml",
+                                                help="YAML file of settings (flags and --set override it)",
+                                                rich_help_panel=OTHER)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                  help="override any setting, also nested ones: --set lr=0.06, "
+                                                       "--set mochi.s=512 (repeatable; wins over everything)",
+                                                  rich_help_panel=OTHER)]
+
+
+def settings_command(app: typer.Typer, cls, run: Callable[..., Any], *, name: str, help: str,
+                     extra: dict[str, tuple[Any, Any]] | None = None, config_file: bool = True) -> None:
+    """Add `name` to app: options from cls (+ `extra` params: name -> (annotation, default), passed to run
+    as keywords), then `run(settings, **extra_values)`; errors end in one line."""
+    flags = collect_flags(cls)
+    arguments = {p[-1]: f for p, f in known_paths(cls).items() if field_extra(f)["argument"]}
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    params += [argument_parameter(n, f) for n, f in arguments.items()]
+    params += [option_parameter(f) for f in flags]
+    extra = extra or {}
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+               for k, (a, d) in extra.items()]
+    if config_file:
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt))
+    params.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SetOpt))
+
+    def command(ctx: typer.Context, **kwargs):
+        raw = ctx.meta.get("hnmix_args", [])
+        given: dict[tuple[str, ...], tuple[str, Any]] = {}
+        for arg_name in arguments:
+            if kwargs.get(arg_name) is not None:
+                given[(arg_name,)] = (arg_name, kwargs[arg_name])
+        for flag in flags:
+            value = kwargs.get(flag.name)
+            if value is not None:
+                for path in flag.paths:
+                    given[path] = (typed_flag(flag, raw), parse_value(flag, value))
+        with user_errors():
+            settings = load_settings(cls, kwargs.get("config"), given, kwargs.get("set_"))
+            return run(settings, **{k: kwargs[k] for k in extra})
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = help
+    app.command(name, cls=SettingsCommand, help=help)(command)
+
+
+def flags_of(cls) -> set[str]:
+    """Every option string a settings command accepts (for docs checks)."""
+    out = {"--config", "--set"}
+    for flag in collect_flags(cls):
+        for d in flag.decls:
+            out.update(s for s in d.split("/") if s.startswith("-"))
+            if "/" not in d and field_extra(flag.field) and _base_type(flag.field.annotation)[0] is bool:
+                out.add(f"--no-{d.lstrip('-')}")
+    return out
+
+
+__all__ = ["SettingsCommand", "canonical_flag", "collect_flags", "flags_of", "settings_command", "user_errors"]

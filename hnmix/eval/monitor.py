@@ -1,0 +1,37 @@
+"""The kNN monitor as a training hook: kNN accuracy of the query backbone every --knn-every epochs, logged to
+metrics.jsonl, without touching the run's random streams or BN statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from hnmix.data.augment import Normalize
+from hnmix.eval.knn import KnnMonitor, print_knn
+from hnmix.train.hooks import Hook, Moment
+
+
+class KnnMonitorHook(Hook):
+    def __init__(self, cfg):
+        self.every = cfg.knn_every
+        # opened now, so a missing val/ split fails before training starts
+        self.monitor = KnnMonitor(cfg.knn_data or cfg.data, cfg.image_size, cfg.batch_size, cfg.workers)
+
+    def header_rows(self) -> list[tuple[str, str]]:
+        return [("kNN monitor", self.monitor.describe(self.every))]
+
+    def start(self, trainer) -> None:
+        self.monitor.batch_size = trainer.local_batch
+        self.normalize = Normalize(channels_last=trainer.cfg.channels_last).to(trainer.info.device)
+
+    def after_step(self, trainer, out, moment: Moment) -> dict | None:
+        if not moment.epoch_end or moment.epoch % self.every:
+            return None
+        with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not shift the run's RNG stream
+            result = self.monitor(trainer.model.encoder_q.backbone, self.normalize, trainer.info.device,
+                                  trainer.dtype)
+        print_knn(trainer.console, moment.epoch, result)
+        return result
+
+
+def knn_monitor_hooks(cfg) -> list[Hook]:
+    return [KnnMonitorHook(cfg)] if cfg.knn_every else []

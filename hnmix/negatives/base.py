@@ -1,0 +1,49 @@
+"""What every hard-negative method shares: its output (Negatives), and how it plugs in (Method).
+
+A method is one file: pure functions `(q, queue, l_neg, ...) -> logits or mask`, a settings model (its
+options, their flags and checks) and a `Method` record naming both; hnmix.negatives lists the records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from hnmix.core.settings import Settings
+
+
+class Negatives(NamedTuple):
+    extra: torch.Tensor | None = None  # (B, S) synthetic logits before temperature, per query
+    keep: torch.Tensor | None = None  # (B, K) bool: queue negatives that stay in the loss
+
+
+# (q, queue, l_neg, *, generator, epoch) -> Negatives; epoch is fractional (step / steps per epoch)
+Strategy = Callable[..., Negatives]
+
+
+class MethodSettings(Settings):
+    """A method's options, nested in the pretraining settings under the method's name."""
+
+    def describe(self) -> str:
+        """One line for the run's header."""
+        return ", ".join(f"{k}={v}" for k, v in self.model_dump().items())
+
+    def check(self, queue_size: int) -> None:
+        """Checks against the rest of the run (raise ValueError with the flags to change)."""
+
+    @property
+    def synthesises(self) -> bool:
+        """Whether the method adds synthetic negatives (analysis then reports their false-negative rate)."""
+        return False
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # for --help: what the method does, in a few words
+    title: str  # the help panel of its options, e.g. "MoCHi (--method mochi)"
+    settings: type[MethodSettings]
+    strategy: Callable[[MethodSettings], Strategy]
