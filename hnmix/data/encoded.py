@@ -17,9 +17,10 @@ import io
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
@@ -91,7 +92,10 @@ class EncodedFiles(Dataset):
 
 
 def collate_encoded(items: list[Encoded]) -> EncodedBatch:
-    data = bytearray().join(item.data for item in items)
-    flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    return EncodedBatch(torch.tensor([item.index for item in items]), flat, [len(item.data) for item in items],
+    lengths = [len(item.data) for item in items]
+    flat = torch.empty(sum(lengths), dtype=torch.uint8)
+    if get_worker_info() is not None:  # as default_collate: written once, into the block that crosses over
+        flat.share_memory_()
+    np.concatenate([np.frombuffer(item.data, dtype=np.uint8) for item in items], out=flat.numpy())
+    return EncodedBatch(torch.tensor([item.index for item in items]), flat, lengths,
                         [item.pixels for item in items], [item.error for item in items])
