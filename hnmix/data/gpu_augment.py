@@ -209,12 +209,12 @@ def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- whole
 
 
-def crop_views(images: torch.Tensor, draws: AugDraws, size: int, *, source: torch.Tensor | None = None,
+def crop_views(images: torch.Tensor, draws: AugDraws, size: int, source: torch.Tensor | None = None,
                sizes: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, 3, size, size) floats in [0, 1]: view k's RandomResizedCrop of images[source[k]] (default k),
-    whose valid region is its top-left sizes[source[k]] = (height, width) (default: the whole tensor;
-    pixels past it must repeat the edge, as hnmix.data.gpu_data stores them)."""
-    n_images, _, height, width = images.shape
+    """RandomResizedCrop of every row: (n, 3, size, size) floats in [0, 1]. View k is drawn from
+    images[source[k]] (default k), whose valid region is its top-left sizes[source[k]] = (height, width)
+    (default: the whole tensor; pixels past it must repeat the edge, as hnmix.data.gpu_data stores them)."""
+    _, _, height, width = images.shape
     n = draws.jitter.shape[0]
     device = images.device
     source = torch.arange(n, device=device) if source is None else source
@@ -227,7 +227,7 @@ def crop_views(images: torch.Tensor, draws: AugDraws, size: int, *, source: torc
 
 
 def finish_views(x: torch.Tensor, draws: AugDraws) -> torch.Tensor:
-    """Colour jitter, grayscale, blur and flip of cropped views x (n, 3, size, size) in [0, 1]."""
+    """Everything after the crop, on (n, 3, size, size) floats in [0, 1]: jitter, grayscale, blur, flip."""
     x = color_jitter(x, draws)
     x = torch.where((draws.gray < P_GRAY).reshape(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
     sigma = SIGMA[0] + (SIGMA[1] - SIGMA[0]) * draws.sigma.to(x.dtype)
@@ -241,7 +241,7 @@ def finish_views(x: torch.Tensor, draws: AugDraws) -> torch.Tensor:
 def augment(images: torch.Tensor, draws: AugDraws, size: int, *, source: torch.Tensor | None = None,
             sizes: torch.Tensor | None = None) -> torch.Tensor:
     """(n, 3, size, size) floats in [0, 1]: crop_views, then finish_views."""
-    return finish_views(crop_views(images, draws, size, source=source, sizes=sizes), draws)
+    return finish_views(crop_views(images, draws, size, source, sizes), draws)
 
 
 class GpuAugment(torch.nn.Module):
