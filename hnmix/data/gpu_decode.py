@@ -114,12 +114,14 @@ class DecodeBatches:
 
     def __init__(self, images, device: torch.device, image_size: int, seed: int, channels_last: bool,
                  skip_corrupt: bool, workers: int = WORKERS, prefetch: int = PREFETCH,
-                 worker_init_fn: Callable[[int], None] | None = None, compile_augment: bool = False):
+                 worker_init_fn: Callable[[int], None] | None = None, compile_augment: bool = False,
+                 pin_memory: bool | None = None):
         if not hasattr(images, "paths"):
             raise HnmixError("GPU JPEG decoding reads image files; this dataset has none")
         self.paths: list[Path] = list(images.paths)
         self.device, self.size, self.seed, self.skip_corrupt = device, image_size, seed, skip_corrupt
         self.workers, self.prefetch, self.worker_init_fn = workers, prefetch, worker_init_fn
+        self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
         self.labels = torch.tensor(images.labels, dtype=torch.long, device=device)
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
@@ -131,7 +133,7 @@ class DecodeBatches:
 
     def loader(self, sampler: RunBatches) -> DataLoader:
         return DataLoader(EncodedFiles(self.paths), batch_sampler=sampler, num_workers=self.workers,
-                          collate_fn=collate_encoded, pin_memory=self.device.type == "cuda",
+                          collate_fn=collate_encoded, pin_memory=self.pin_memory,
                           prefetch_factor=self.prefetch if self.workers else None,
                           worker_init_fn=self.worker_init_fn)
 
