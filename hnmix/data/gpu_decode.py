@@ -39,8 +39,9 @@ from hnmix.data.pretrain import RunBatches, sample_seed
 from hnmix.errors import CorruptImageError, HnmixError
 
 DECODE_STREAM = -2 * 10**6  # sample_seed index of the draws; gpu_data's is -10**6, the loop's -2, -3 - rank
-# the CPU only reads bytes (about 0.1 ms per file, page cache) and parses headers: a few workers keep
-# several thousand images/s coming; two batches each in flight hide a slow read without holding much memory
+# a worker only reads bytes and parses headers (0.3 ms per file from the page cache on a loaded, shared
+# core; docs/benchmarks.md): a few keep several thousand images/s coming; two batches each in flight hide a
+# slow read without holding much shared memory (15-28 MB per batch of 256 photos)
 WORKERS, PREFETCH = 4, 2
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec with a warning per call; 0.26 has none
@@ -48,7 +49,8 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-def first_line(error: Exception) -> str:
+def reason(error: Exception) -> str:
+    """The message's last non-empty line: torchvision's errors end with the decoder's reason."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
 
@@ -59,7 +61,7 @@ def decode_one(data: torch.Tensor, device: torch.device) -> tuple[torch.Tensor |
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device), None
     except RuntimeError as e:
-        device_error = first_line(e)
+        device_error = reason(e)
     try:
         return decode_on_host(data.numpy().tobytes()).to(device), None
     except PIL_ERRORS as e:
@@ -184,12 +186,12 @@ class DecodeBatches:
 
     def replacement(self, index: int, error: str) -> tuple[torch.Tensor, int]:
         """The next readable image after unreadable `index`, and how many files it skipped (TwoViews' rule)."""
+        if not self.skip_corrupt:
+            raise CorruptImageError(f"{error} (use --skip-corrupt to skip unreadable images)")
         n = len(self.paths)
         for skipped in range(1, n):
-            if not self.skip_corrupt:
-                raise CorruptImageError(f"{error} (use --skip-corrupt to skip unreadable images)")
             warnings.warn(f"skipping unreadable image {self.paths[(index + skipped - 1) % n]}", stacklevel=2)
-            image, error = self.load((index + skipped) % n)
+            image, _ = self.load((index + skipped) % n)
             if image is not None:
                 return image, skipped
         raise HnmixError("every image in the dataset is unreadable")
@@ -221,5 +223,5 @@ def device_decode_refusal(device: torch.device) -> str | None:
         decode_jpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], mode=ImageReadMode.RGB,
                     device=device)
     except (RuntimeError, ValueError) as e:
-        return first_line(e)
+        return reason(e)
     return None
