@@ -27,10 +27,13 @@ class PretrainBase(Settings):
                         "recursively), or 'demo' for the built-in dataset", metavar="DIR", panel=DATA)
     image_size: int = setting(224, "crop size in pixels", ge=8, panel=DATA)
     workers: int = setting(8, "data-loader worker processes per rank", ge=0, panel=DATA)
-    data_on_gpu: Literal["auto", "on", "off"] = setting(
-        "auto", "decode the dataset once (cached on disk), hold it on the device and augment whole batches "
-        "there, without loader workers; auto = on for a CUDA device when the images are <= 256 px and fit a "
-        "quarter of its memory", panel=DATA)
+    pipeline: Literal["auto", "resident", "decode", "pil"] = setting(
+        "auto", "how images become views: resident = decoded once (cached on disk), held on the device, "
+        "augmented there in whole batches; decode = workers read JPEG bytes, the device decodes and augments "
+        "each batch; pil = DataLoader workers decode and augment with PIL. auto = resident for small images "
+        "that fit a quarter of a CUDA device's memory, decode for JPEG photos on CUDA, pil otherwise; the "
+        "choice is saved in config.yaml and kept by a resumed run (--data-on-gpu on/off: hnmix 0.1's names for "
+        "resident/pil)", flags=("--pipeline", "--data-on-gpu"), panel=DATA)
     skip_corrupt: bool = setting(False, "replace unreadable images by the next one (counted) instead of stopping",
                                  panel=DATA)
     # model
@@ -112,10 +115,11 @@ class PretrainBase(Settings):
             return v
         raise ValueError(f"'{v}' is not one of shuffle, split:G (G >= 1), sync, plain, auto")
 
-    @field_validator("data_on_gpu", mode="before")
+    @field_validator("pipeline", mode="before")
     @classmethod
-    def _yaml_on_off(cls, v):
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as bools
+    def _legacy_on_off(cls, v):
+        """hnmix 0.1's data_on_gpu on/off (which YAML reads as booleans) name resident/pil."""
+        return {True: "resident", False: "pil", "on": "resident", "off": "pil"}.get(v, v)
 
     @field_validator("resume")
     @classmethod
@@ -159,6 +163,7 @@ class PretrainBase(Settings):
     def renamed(cls) -> dict[tuple[str, ...], tuple[tuple[str, ...], ...]]:
         """Settings of hnmix <= 0.1.0 (flat method options) -> their sections; old config.yaml files load."""
         old = {("n_hard",): (("mochi", "n_hard"), ("synco", "n_hard")), ("s",): (("mochi", "s"),),
+               ("data_on_gpu",): (("pipeline",),),
                ("s_prime",): (("mochi", "s_prime"),), ("mochi_start_epoch",): (("mochi", "start_epoch"),)}
         for name in ("counts", "sigma", "delta", "eta", "start_epoch"):
             old[(f"synco_{name}",)] = (("synco", name),)

@@ -49,6 +49,6 @@ def test_unknown_keys_suggest_the_right_one(tmp_path):
 
 def test_yaml_on_and_off_mean_the_choices_not_booleans(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("data_on_gpu: off\n")
-    assert load_config(PretrainConfig, f).data_on_gpu == "off"
-    assert load_config(PretrainConfig, None, None, ["data_on_gpu=on"]).data_on_gpu == "on"
+    f.write_text("data_on_gpu: off\n")  # hnmix 0.1's name and values: DataLoader workers
+    assert load_config(PretrainConfig, f).pipeline == "pil"
+    assert load_config(PretrainConfig, None, None, ["data_on_gpu=on"]).pipeline == "resident"

@@ -33,9 +33,9 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def make_trainer(tmp_path, method, data_on_gpu, device="cpu"):
+def make_trainer(tmp_path, method, pipeline, device="cpu"):
     cfg = PretrainConfig(data="demo", arch="test_resnet", image_size=16, batch_size=8, queue_size=32, dim=16,
-                         workers=0, method=method, oracle_labels=True, data_on_gpu=data_on_gpu, device=device,
+                         workers=0, method=method, oracle_labels=True, pipeline=pipeline, device=device,
                          output=str(tmp_path / "run"), **METHODS[method])
     info = distributed.setup(device)
     data = TrainingData(cfg, info)
@@ -58,7 +58,7 @@ def no_python_readbacks(monkeypatch):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_device_data_steps_make_no_host_syncs(tmp_path, monkeypatch, method, no_python_readbacks):
     monkeypatch.setenv("HNMIX_CACHE_DIR", str(tmp_path / "cache"))
-    trainer, batches = make_trainer(tmp_path, method, "on")
+    trainer, batches = make_trainer(tmp_path, method, "resident")
     im_q, im_k, labels, _ = next(batches)
     trainer.train_step(im_q, im_k, labels, 100, 10)  # first step: constants are made once, here
     no_python_readbacks()
@@ -72,7 +72,7 @@ def test_device_data_steps_make_no_host_syncs(tmp_path, monkeypatch, method, no_
 
 
 def test_loader_steps_make_no_host_syncs(tmp_path, no_python_readbacks):
-    trainer, batches = make_trainer(tmp_path, "mochi", "off")
+    trainer, batches = make_trainer(tmp_path, "mochi", "pil")
     steps = [next(batches) for _ in range(4)]  # the loader's collation is host work by design
     trainer.train_step(*steps[0][:3], 100, 10)
     no_python_readbacks()
@@ -92,7 +92,7 @@ def test_the_detector_sees_a_read_back():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_steps_do_not_synchronise(tmp_path, monkeypatch):
     monkeypatch.setenv("HNMIX_CACHE_DIR", str(tmp_path / "cache"))
-    trainer, batches = make_trainer(tmp_path, "mochi", "on", device="cuda")
+    trainer, batches = make_trainer(tmp_path, "mochi", "resident", device="cuda")
     trainer.train_step(*next(batches)[:3], 100, 10)
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -133,7 +133,7 @@ def test_compiled_encoders_give_the_eager_step(tmp_path):
 
 def test_compile_option_compiles_both_encoders_in_place(tmp_path):
     cfg = PretrainConfig(data="demo", arch="test_resnet", image_size=16, batch_size=8, queue_size=32, dim=16,
-                         workers=0, data_on_gpu="off", compile=True, output=str(tmp_path / "run"))
+                         workers=0, pipeline="pil", compile=True, output=str(tmp_path / "run"))
     trainer = Trainer(cfg, distributed.setup("cpu"), steps_per_epoch=10)
     keys = list(trainer.model.state_dict())
     trainer.prepare_steps()

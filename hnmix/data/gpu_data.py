@@ -1,4 +1,4 @@
-"""Device-resident pretraining data (--data-on-gpu): the whole dataset decoded once into a uint8 tensor,
+"""Device-resident pretraining data (--pipeline resident): the whole dataset decoded once into a uint8 tensor,
 cached on disk, held on the device; each step indexes its batch in RunBatches order and augments it
 there with hnmix.data.gpu_augment. No DataLoader workers, no per-image Python in the step.
 
@@ -227,9 +227,9 @@ def device_batches(images, *, mode: str, device: torch.device, image_size: int, 
     its memory. Local rank 0 decodes and caches; the other ranks then read its cache.
     """
     if mode == "off":
-        return None, "DataLoader (--data-on-gpu off)"
+        return None, "not device-resident (off)"
     if mode == "auto" and (why := auto_refusal(largest_side_sample(images), None, device)):
-        return None, f"DataLoader (--data-on-gpu auto: {why})"
+        return None, f"not device-resident: {why}"
     if local_rank == 0:
         decoded = load_or_decode(images, log)
         barrier()
@@ -237,7 +237,7 @@ def device_batches(images, *, mode: str, device: torch.device, image_size: int, 
         barrier()
         decoded = load_or_decode(images, log, build=False)
     if mode == "auto" and (why := auto_refusal(int(decoded.sizes.max()), decoded.nbytes, device)):
-        return None, f"DataLoader (--data-on-gpu auto: {why})"
+        return None, f"not device-resident: {why}"
     check_corrupt(decoded, skip_corrupt)
     source = DeviceBatches(decoded, list(images.labels), device, image_size, seed, channels_last)
     shape = "x".join(map(str, decoded.images.shape[1:]))

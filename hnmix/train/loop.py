@@ -201,22 +201,40 @@ def describe(cfg, trainer: Trainer, data: TrainingData, sampler: RunBatches, hoo
     return t
 
 
+def resumed_pipeline(cfg, ckpt: dict | None, console: Console) -> str | None:
+    """A resumed run keeps its data pipeline (another one draws other views): --pipeline auto takes the
+    checkpoint's; an explicit different one is honoured with a warning."""
+    saved = (ckpt or {}).get("config", {}).get("pipeline")
+    if saved not in ("resident", "decode", "pil"):  # a new run, or a checkpoint of hnmix 0.1
+        return None
+    if cfg.pipeline == "auto":
+        return saved
+    if cfg.pipeline != saved:
+        console.print(f"[yellow]warning:[/] resuming a run trained with --pipeline {saved} on --pipeline "
+                      f"{cfg.pipeline}: its views differ from the uninterrupted run's", soft_wrap=True)
+    return None
+
+
 def train(cfg, info: dist.DistInfo, hooks: list[Hook] = ()) -> Trainer:
     """Run (or continue) the pretraining of cfg on this rank; returns the Trainer at the end."""
     console = Console(quiet=not info.is_main)
     run_dir = RunDirectory(cfg, info, console)
-    data = TrainingData(cfg, info, console.print)
+    ckpt, path = None, run_dir.resume_from()
+    if path is not None:
+        ckpt = load_checkpoint(path)
+    data = TrainingData(cfg, info, console.print, pipeline=resumed_pipeline(cfg, ckpt, console))
+    cfg = cfg.model_copy(update={"pipeline": data.pipeline})  # config.yaml and checkpoints record the choice
     if cfg.queue_size > len(data) // 2:  # MoCo assumes K << dataset size
         console.print(f"[yellow]warning:[/] the queue (K={cfg.queue_size}) holds more than half the dataset "
                       f"({len(data)} images): queries often meet a stale key of their own image among the "
                       f"negatives; a smaller --queue-size learns faster here", soft_wrap=True)
     sampler_args = (len(data), cfg.batch_size, info.rank, info.world, cfg.seed, cfg.epochs)
     trainer = Trainer(cfg, info, RunBatches(*sampler_args).steps_per_epoch, console)
-    if (path := run_dir.resume_from()) is not None:
-        trainer.load(load_checkpoint(path), path)
+    if ckpt is not None:
+        trainer.load(ckpt, path)
     sampler = RunBatches(*sampler_args, start_step=trainer.step, total_steps=cfg.max_steps)
     start = trainer.step
-    run_dir.prepare(start)
+    run_dir.prepare(start, cfg)
     checkpoints = CheckpointHook(run_dir.path, info.is_main, cfg.keep_every)
     hooks = [MetricsHook(run_dir.path, console, info.is_main, info.device, sampler.total, cfg.epochs), *hooks,
              checkpoints]

@@ -34,10 +34,11 @@ class RunDirectory:
             return None
         return Path(self.cfg.resume) if self.cfg.resume else None
 
-    def prepare(self, step: int) -> None:
+    def prepare(self, step: int, cfg) -> None:
+        """cfg: the run's settings as resolved (the pipeline auto chose, ...)."""
         if self.info.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
-            self.cfg.save_yaml(self.path / "config.yaml")
+            cfg.save_yaml(self.path / "config.yaml")
             truncate_metrics(self.path / "metrics.jsonl", step)
 
     def abandon(self) -> None:
