@@ -131,3 +131,25 @@ def test_two_ranks_share_the_monitor_and_get_the_single_process_numbers(tmp_path
         gathered, gathered_labels = torch.load(tmp_path / f"bank{rank}.pt", weights_only=True)
         assert torch.equal(gathered_labels, labels)  # every image once, in dataset order
         torch.testing.assert_close(gathered, feats, atol=1e-5, rtol=1e-4)
+
+
+def test_device_resident_monitor_matches_the_loader_monitor(tmp_path, monkeypatch):
+    # the eval transform on the device (antialiased resize + centre crop) against PIL's, on the demo splits
+    monkeypatch.setenv("HNMIX_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    backbone = create_backbone("test_resnet")
+    loader = KnnMonitor("demo", 24, batch_size=100, workers=0)
+    resident = KnnMonitor("demo", 24, batch_size=100, workers=0)
+    assert resident.hold_on(torch.device("cpu"))
+    a = loader(backbone, Normalize(), torch.device("cpu"), None)
+    b = resident(backbone, Normalize(), torch.device("cpu"), None)
+    assert abs(a["knn_top1"] - b["knn_top1"]) <= 2.0 and abs(a["knn_top5"] - b["knn_top5"]) <= 2.0
+    from hnmix.eval.features import extract_resident
+
+    feats_pil, labels_pil = extract_features(backbone, Labelled(loader.query_images, loader.transform), batch_size=100,
+                                             workers=0, device=torch.device("cpu"), normalize=Normalize())
+    feats_dev, labels_dev = extract_resident(backbone, *resident.resident[1], size=24, batch_size=100,
+                                             normalize=Normalize())
+    assert torch.equal(labels_pil, labels_dev)
+    cosine = torch.nn.functional.cosine_similarity(feats_pil, feats_dev, dim=1)
+    assert cosine.min() > 0.98, cosine.min()

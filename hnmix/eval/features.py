@@ -55,6 +55,44 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+def resize_center_crop(x: torch.Tensor, size: int, resize_ratio: float = 256 / 224) -> torch.Tensor:
+    """eval_transform on a uint8 batch on the device: short side to ratio x size (antialiased bilinear, as
+    PIL's), then the central size x size crop; float in 0-255."""
+    height, width = x.shape[-2:]
+    short = round(size * resize_ratio)
+    scale = short / min(height, width)
+    new = (max(short, round(height * scale)), max(short, round(width * scale)))
+    x = torch.nn.functional.interpolate(x.float(), size=new, mode="bilinear", antialias=True, align_corners=False)
+    top, left = round((new[0] - size) / 2), round((new[1] - size) / 2)  # torchvision's CenterCrop
+    return x[..., top:top + size, left:left + size].clamp(0, 255).round()
+
+
+@torch.no_grad()
+def extract_resident(model, images: torch.Tensor, labels: torch.Tensor, *, size: int, batch_size: int,
+                     normalize: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) features and (N,) labels of device-resident uint8 images of one size (the eval transform done on
+    the device), every rank extracting 1/world of them; rows in dataset order on every rank."""
+    rank, world = rank_and_world()
+    n = images.shape[0]
+    mine = torch.tensor(rank_shard(n, rank, world, pad=world > 1), device=images.device)
+    training = model.training
+    model.eval()
+    feats = []
+    try:
+        for chunk in mine.split(batch_size):
+            x = normalize(resize_center_crop(images[chunk], size))
+            with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                feats.append(model(x).float())
+    finally:
+        model.train(training)
+    feats, mine_labels = torch.cat(feats), labels[mine]
+    if world == 1:
+        return feats, mine_labels
+    per = feats.shape[0]
+    feats = all_gather(feats).view(world, per, -1).transpose(0, 1).reshape(world * per, -1)[:n]
+    return feats, all_gather(mine_labels).view(world, per).T.reshape(-1)[:n]
+
+
 def rank_shard(n: int, rank: int, world: int, pad: bool) -> list[int]:
     """Indices rank, rank + world, ...; padded with repeats to ceil(n / world) so all_gather shapes match."""
     indices = list(range(rank, n, world))

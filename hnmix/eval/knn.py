@@ -14,7 +14,7 @@ from rich.console import Console
 
 from hnmix.core.dist import rank_and_world
 from hnmix.data.labelled import Labelled, eval_transform, open_train_val
-from hnmix.eval.features import extract_all_ranks, extract_features, rank_shard
+from hnmix.eval.features import extract_all_ranks, extract_features, extract_resident, rank_shard
 
 KNN_K = 200
 KNN_T = 0.1
@@ -57,16 +57,38 @@ class KnnMonitor:
 
     def __init__(self, data: str, image_size: int, batch_size: int, workers: int):
         self.bank_images, self.query_images = open_train_val(data, what="the kNN monitor (--knn-every)")
-        self.data, self.transform = data, eval_transform(image_size)
+        self.data, self.image_size, self.transform = data, image_size, eval_transform(image_size)
         self.batch_size, self.workers = batch_size, workers
+        self.resident: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def describe(self, every: int) -> str:
         return (f"every {every} epochs on {self.data}: {len(self.bank_images)} bank / "
                 f"{len(self.query_images)} query images, k={KNN_K}, T={KNN_T}, backbone features")
 
+    def hold_on(self, device: torch.device, log=print, build: bool = True) -> bool:
+        """Decode both splits once (the disk cache of hnmix.data.gpu_data) and keep them on the device, so each
+        evaluation runs without loader workers: for runs whose training data is device-resident. Images of
+        mixed sizes stay with the loader (False)."""
+        from hnmix.data.gpu_data import load_or_decode
+
+        resident = []
+        for images in (self.bank_images, self.query_images):
+            decoded = load_or_decode(images, log, build=build)
+            if not decoded.uniform:
+                return False
+            resident.append((decoded.images.to(device), torch.tensor(images.labels, device=device)))
+        self.resident = resident
+        return True
+
     @torch.no_grad()
     def __call__(self, backbone, normalize, device, dtype) -> dict:
         start = time.perf_counter()
+        if self.resident is not None:
+            kw = dict(size=self.image_size, batch_size=self.batch_size, normalize=normalize, dtype=dtype)
+            (bank, bank_labels), (queries, labels) = (extract_resident(backbone, x, y, **kw) for x, y in self.resident)
+            top1, top5 = topk_correct(knn_scores(bank, bank_labels, queries, len(self.bank_images.classes)), labels)
+            n = len(labels)
+            return {"knn_top1": 100 * top1 / n, "knn_top5": 100 * top5 / n, "knn_s": time.perf_counter() - start}
         kw = dict(batch_size=self.batch_size, workers=self.workers, device=device, normalize=normalize, dtype=dtype)
         bank, bank_labels = extract_all_ranks(backbone, self.bank_images, self.transform, **kw)
         rank, world = rank_and_world()

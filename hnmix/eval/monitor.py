@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from hnmix.core import dist
 from hnmix.data.augment import Normalize
 from hnmix.eval.knn import KnnMonitor, print_knn
 from hnmix.train.hooks import Hook, Moment
@@ -20,7 +21,19 @@ class KnnMonitorHook(Hook):
         return [("kNN monitor", self.monitor.describe(self.every))]
 
     def start(self, trainer) -> None:
-        self.monitor.batch_size = trainer.local_batch
+        self.monitor.batch_size = max(trainer.local_batch, 256)  # no gradients: larger batches, fewer launches
+        if trainer.cfg.pipeline == "resident" and self._hold_on(trainer):
+            trainer.console.print("kNN monitor: both splits held on the device (as the training data)")
+
+    def _hold_on(self, trainer) -> bool:
+        """Local rank 0 decodes (and caches) the splits, the other ranks then read its cache."""
+        info = trainer.info
+        if info.local_rank == 0:
+            held = self.monitor.hold_on(info.device, trainer.console.print)
+            dist.barrier()
+            return held
+        dist.barrier()
+        return self.monitor.hold_on(info.device, trainer.console.print, build=False)
         self.normalize = Normalize(channels_last=trainer.cfg.channels_last).to(trainer.info.device)
 
     def after_step(self, trainer, out, moment: Moment) -> dict | None:

@@ -136,13 +136,15 @@ class MetricsHook(Hook):
 
 class CheckpointHook(Hook):
     """last.pt at every save point (epoch ends, --save-every, the end, a stop); epoch_NNNN.pt every
-    --keep-every epochs. The state is copied off the model at the step (consistent), and written by a
-    background thread while training goes on; the next save, or the end of the run, waits for it."""
+    --keep-every epochs. The state is copied off the model at the step (consistent; on CUDA into pinned
+    buffers, queued on the stream), and a background thread writes it while training goes on; the next
+    save, or the end of the run, waits for it."""
 
     def __init__(self, out: Path, is_main: bool, keep_every: int):
         self.out, self.is_main, self.keep_every = out, is_main, keep_every
         self.writer: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.pinned: dict[str, torch.Tensor] = {}
 
     def after_step(self, trainer, out, moment: Moment) -> None:
         if moment.save:
@@ -151,20 +153,40 @@ class CheckpointHook(Hook):
     def save(self, trainer, epoch_end: bool, wait: bool = False) -> None:
         if not self.is_main:
             return
-        self.wait()
-        state = _snapshot(trainer.checkpoint())
+        self.wait()  # the previous write owns the pinned buffers until it is done
+        state = self._snapshot(trainer.checkpoint())
+        copied = torch.cuda.Event() if self.pinned else None
+        if copied is not None:
+            copied.record()
         paths = [self.out / "last.pt"]
         epoch = trainer.step // trainer.steps_per_epoch
         if epoch_end and self.keep_every and epoch % self.keep_every == 0:
             paths.append(self.out / f"epoch_{epoch:04d}.pt")
-        self.writer = threading.Thread(target=self._write, args=(state, paths), name="hnmix-checkpoint")
+        self.writer = threading.Thread(target=self._write, args=(state, paths, copied), name="hnmix-checkpoint")
         self.writer.start()
         trainer.last_good = paths[0]
         if wait:
             self.wait()
 
-    def _write(self, state: dict, paths: list[Path]) -> None:
+    def _snapshot(self, obj, key: str = ""):
+        """A host copy of every tensor: training goes on changing the originals in place."""
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "cuda":
+                return obj.detach().clone()
+            buffer = self.pinned.get(key)
+            if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+                buffer = self.pinned[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return buffer.copy_(obj.detach(), non_blocking=True)
+        if isinstance(obj, dict):
+            return {k: self._snapshot(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._snapshot(v, f"{key}/{i}") for i, v in enumerate(obj))
+        return obj
+
+    def _write(self, state: dict, paths: list[Path], copied) -> None:
         try:
+            if copied is not None:
+                copied.synchronize()  # the device has finished copying into the pinned buffers
             for path in paths:
                 atomic_save(state, path)
         except BaseException as e:  # re-raised in the training thread at the next wait
@@ -180,14 +202,3 @@ class CheckpointHook(Hook):
 
     def close(self, trainer, finished: bool) -> None:
         self.wait()
-
-
-def _snapshot(obj):
-    """A copy of every tensor, on the CPU: training goes on changing the originals in place."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_snapshot(v) for v in obj)
-    return obj
