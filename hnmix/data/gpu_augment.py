@@ -209,12 +209,12 @@ def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- whole
 
 
-def augment(images: torch.Tensor, draws: AugDraws, size: int, *, source: torch.Tensor | None = None,
-            sizes: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, 3, size, size) floats in [0, 1]: view k is drawn from images[source[k]] (default k), whose
-    valid region is its top-left sizes[source[k]] = (height, width) (default: the whole tensor; pixels
-    past it must repeat the edge, as hnmix.data.gpu_data stores them)."""
-    n_images, _, height, width = images.shape
+def crop_views(images: torch.Tensor, draws: AugDraws, size: int, source: torch.Tensor | None = None,
+               sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """RandomResizedCrop of every row: (n, 3, size, size) floats in [0, 1]. View k is drawn from
+    images[source[k]] (default k), whose valid region is its top-left sizes[source[k]] = (height, width)
+    (default: the whole tensor; pixels past it must repeat the edge, as hnmix.data.gpu_data stores them)."""
+    _, _, height, width = images.shape
     n = draws.jitter.shape[0]
     device = images.device
     source = torch.arange(n, device=device) if source is None else source
@@ -223,15 +223,25 @@ def augment(images: torch.Tensor, draws: AugDraws, size: int, *, source: torch.T
     else:
         heights, widths = sizes[source, 0], sizes[source, 1]
     boxes = crop_boxes(heights, widths, draws)
-    x = resized_crop(images.float(), boxes, size, source) / 255
+    return resized_crop(images.float(), boxes, size, source) / 255
+
+
+def finish_views(x: torch.Tensor, draws: AugDraws) -> torch.Tensor:
+    """Everything after the crop, on (n, 3, size, size) floats in [0, 1]: jitter, grayscale, blur, flip."""
     x = color_jitter(x, draws)
     x = torch.where((draws.gray < P_GRAY).reshape(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
     sigma = SIGMA[0] + (SIGMA[1] - SIGMA[0]) * draws.sigma.to(x.dtype)
-    width = blur_kernel(size)
-    identity = _constant(tuple(float(i == width // 2) for i in range(width)), x.dtype, device)
+    width = blur_kernel(x.shape[-1])
+    identity = _constant(tuple(float(i == width // 2) for i in range(width)), x.dtype, x.device)
     kernels = torch.where((draws.blur < P_BLUR)[:, None], gaussian_kernels(sigma, width), identity)
     x = gaussian_blur(x, kernels)
     return flip(x, draws.flip < P_FLIP)
+
+
+def augment(images: torch.Tensor, draws: AugDraws, size: int, *, source: torch.Tensor | None = None,
+            sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, 3, size, size) floats in [0, 1]: crop_views, then finish_views."""
+    return finish_views(crop_views(images, draws, size, source, sizes), draws)
 
 
 class GpuAugment(torch.nn.Module):
