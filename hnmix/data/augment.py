@@ -3,8 +3,8 @@ uint8 tensors; normalisation happens on the device.
 
 Parameters are drawn exactly as the device pipeline draws them (hnmix.data.gpu_augment: AugDraws mapped by
 AugParams, from torch's RNG), so both pipelines share one definition of every distribution. Pixels are
-Pillow's, as torchvision's PIL transforms and official MoCo compute them: RandomResizedCrop as one
-`Image.resize(box=...)`, ColorJitter's four ops (torchvision's functions), grayscale as `convert("L")`
+Pillow's, as torchvision's PIL transforms and official MoCo compute them: RandomResizedCrop (crop, then
+resize), ColorJitter's four ops (torchvision's functions), grayscale as `convert("L")`
 (kept one band until the tensor), ImageFilter.GaussianBlur (band by band), ImageOps.solarize, flip.
 
 An image is decoded once for both views, after both crops are drawn from its header size: a JPEG whose
@@ -100,9 +100,13 @@ def draft_scale(plans: Sequence[ViewPlan], size: int, img: Image.Image) -> int:
     return next((s for s in DRAFT_SCALES if smallest / s >= size), 1)
 
 
-def crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int, scale: int = 1) -> Image.Image:
-    """RandomResizedCrop's crop + bilinear (antialiased) resize in one Pillow call; box in full-size pixels."""
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=tuple(c / scale for c in box))
+def crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int, scale: int = 1) -> Image.Image:
+    """RandomResizedCrop's crop and bilinear (antialiased) resize, box in full-size pixels. On a reduced image
+    (scale > 1) one `resize(box=...)` call takes the fractional box; at full size the crop comes first, as
+    torchvision's (its edge repeats at the view's border, where the box form would read past it)."""
+    if scale > 1:
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=tuple(c / scale for c in box))
+    return img.crop(box).resize((size, size), Image.Resampling.BILINEAR)
 
 
 # torchvision's PIL kernels (ImageEnhance blends; hue through PIL's uint8 HSV), as official MoCo's ColorJitter
