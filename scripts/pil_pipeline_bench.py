@@ -29,7 +29,7 @@ from torchvision import transforms as T
 
 from hnmix.data import augment as A
 from hnmix.data.folder import ImageFiles, decode, load_rgb
-from hnmix.data.gpu_augment import draw_augment
+from hnmix.data.gpu_augment import draw_uniforms
 from hnmix.data.pretrain import TwoViews, sample_seed
 
 
@@ -78,22 +78,35 @@ def official(size: int, costs: dict | None = None):
     return views
 
 
-def old_hnmix(size: int):
+def old_hnmix(size: int, costs: dict | None = None):
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-    transform = T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.PILToTensor(),
-    ])
+    steps = [
+        ("crop/resize", T.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True)),
+        ("jitter", T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)),
+        ("grayscale", T.RandomGrayscale(p=0.2)),
+        ("blur", T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)),
+        ("flip", T.RandomHorizontalFlip()),
+        ("to-tensor", T.PILToTensor()),
+    ]
+    wrap = (lambda name, t: Timed(name, t, costs)) if costs is not None else (lambda name, t: t)
+    transform = T.Compose([wrap(name, t) for name, t in steps])
+    load = wrap("decode (+convert)", load_rgb)
+
+    def seeded(index: int):
+        fork = torch.random.fork_rng(devices=[])
+        fork.__enter__()
+        torch.manual_seed(sample_seed(0, 0, index))
+        return fork
+
+    seed = wrap("fork_rng + seed", seeded)
 
     def views(index: int, path: Path):
-        img = load_rgb(path)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(0, 0, index))
+        img = load(path)
+        fork = seed(index)
+        try:
             return transform(img), transform(img)
+        finally:
+            fork.__exit__(None, None, None)
     return views
 
 
@@ -116,8 +129,8 @@ def new_stages(size: int, paths: list[Path], costs: dict[str, float]) -> None:
     for i, path in enumerate(paths):
         generator.manual_seed(i)
         img = timed("open (header)", Image.open, path)
-        draws = timed("draw parameters", draw_augment, 2, generator=generator)
-        plans = timed("draw parameters", A.plan_views, img.height, img.width, draws, augment.views)
+        uniforms = timed("draw parameters", draw_uniforms, 2, generator=generator)
+        plans = timed("draw parameters", A.plan_views, img.height, img.width, uniforms, augment.views)
         scale = A.draft_scale(plans, size, img)
         img = timed("decode", decode, img, scale)
         for plan in plans:
@@ -166,17 +179,18 @@ def main() -> None:
     for name in pipelines:
         c, w = statistics.median(cpu[name]), statistics.median(wall[name])
         print(f"{name:<10} {c:8.2f} {w:8.2f} {base / c:17.2f}x")
-    stages = {"official": defaultdict(float), "new": defaultdict(float)}
-    timed_official = official(args.size, stages["official"])
+    stages = {"new": defaultdict(float), "official": defaultdict(float), "old": defaultdict(float)}
+    timed = {"official": official(args.size, stages["official"]), "old": old_hnmix(args.size, stages["old"])}
     for _ in range(args.rounds):
         new_stages(args.size, paths, stages["new"])
         for index, path in enumerate(paths):
-            timed_official(index, path)
+            for run in timed.values():
+                run(index, path)
     print("by stage, cpu ms per image (both views; a stage counts where it is drawn):")
-    names = list(dict.fromkeys([*stages["new"], *stages["official"]]))
-    print(f"  {'stage':<18} {'new':>7} {'official':>9}")
+    names = list(dict.fromkeys(name for costs in stages.values() for name in costs))
+    print(f"  {'stage':<18}" + "".join(f" {name:>8}" for name in stages))
     for name in [*names, "sum"]:
-        row = [sum(c.values()) if name == "sum" else c.get(name) for c in (stages["new"], stages["official"])]
+        row = [sum(c.values()) if name == "sum" else c.get(name) for c in stages.values()]
         print(f"  {name:<18}" + "".join(f" {'-' if v is None else f'{v / args.rounds / len(paths) * 1e3:.2f}':>8}"
                                        for v in row))
 

@@ -36,19 +36,20 @@ def photo(width=64, height=48, seed=0) -> Image.Image:
 @pytest.mark.parametrize(("height", "width"), [(48, 64), (375, 500), (10, 200), (200, 10)])
 def test_crop_box_is_the_device_pipelines_crop(view, height, width):
     n = 500
-    draws = G.draw_augment(n, generator=torch.Generator().manual_seed(3))
+    uniforms = G.draw_uniforms(n, generator=torch.Generator().manual_seed(3))
+    draws = G.split_draws(uniforms)
     b = G.crop_boxes(torch.full((n,), height), torch.full((n,), width), draws, G.aug_params([view], torch.zeros(n).long()))
     device = torch.stack([b.left, b.top, b.left + b.width, b.top + b.height], 1).long().tolist()
-    plans = A.plan_views(height, width, draws, [view] * n)
+    plans = A.plan_views(height, width, uniforms, [view] * n)
     assert [list(p.box) for p in plans] == device
 
 
 @pytest.mark.parametrize("view", SETTINGS)
 def test_plan_is_the_device_pipelines_jitter_blur_and_coin_flips(view):
     n = 2000
-    draws = G.draw_augment(n, generator=torch.Generator().manual_seed(4))
-    params = G.aug_params([view], torch.zeros(n).long())
-    plans = A.plan_views(32, 32, draws, [view] * n)
+    uniforms = G.draw_uniforms(n, generator=torch.Generator().manual_seed(4))
+    draws, params = G.split_draws(uniforms), G.aug_params([view], torch.zeros(n).long())
+    plans = A.plan_views(32, 32, uniforms, [view] * n)
     factors, sigmas = G.jitter_factors(draws, params), G.blur_sigmas(draws, params)
     on = params.jitter_hi > params.jitter_lo
     for k, plan in enumerate(plans):
@@ -68,8 +69,8 @@ def test_plan_is_the_device_pipelines_jitter_blur_and_coin_flips(view):
 def test_a_view_is_torchvisions_pil_transforms_with_the_planned_parameters(seed):
     img = photo(seed=seed)
     view = AugmentSettings(preset="byol").views()[1].model_copy(update={"solarize_p": 0.5, "grayscale_p": 0.5})
-    draws = G.draw_augment(8, generator=torch.Generator().manual_seed(seed))
-    for plan in A.plan_views(img.height, img.width, draws, [view] * 8):
+    uniforms = G.draw_uniforms(8, generator=torch.Generator().manual_seed(seed))
+    for plan in A.plan_views(img.height, img.width, uniforms, [view] * 8):
         left, top, right, bottom = plan.box
         expected = TF.resized_crop(img, top, left, bottom - top, right - left, [24, 24],
                                    interpolation=T.InterpolationMode.BILINEAR, antialias=True)
@@ -137,7 +138,7 @@ def test_reduced_decoding_gives_nearly_the_full_decodings_views(tmp_path):
     augment = A.PilAugment(AugmentSettings(crop_scale=(0.6, 1.0)), 96)
     for seed in range(4):
         generator = torch.Generator().manual_seed(seed)
-        plans = A.plan_views(600, 800, G.draw_augment(2, generator=generator), augment.views)
+        plans = A.plan_views(600, 800, G.draw_uniforms(2, generator=generator), augment.views)
         scale = A.draft_scale(plans, 96, open_image(path))
         assert scale >= 2  # crops of >= 0.6 x 480000 px: >= 4 x 96 px a side
         reduced = decode(open_image(path), scale)

@@ -31,7 +31,7 @@ from hnmix.data.augment_settings import (
     ViewAugment,
 )
 from hnmix.data.folder import can_draft, decode
-from hnmix.data.gpu_augment import AugDraws, draw_augment
+from hnmix.data.gpu_augment import DRAW_WIDTHS, AugDraws, draw_uniforms
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "PilAugment", "make_pil_transform", "moco_v2_augment"]
 
@@ -82,11 +82,19 @@ def plan_view(height: int, width: int, u: AugDraws, view: ViewAugment) -> ViewPl
                     u.gray < view.grayscale_p, sigma, u.solarize < view.solarize_p, u.flip < view.flip_p)
 
 
-def plan_views(height: int, width: int, draws: AugDraws, views: Sequence[ViewAugment]) -> list[ViewPlan]:
-    """Row k of draws planned with views[k], for an image of this size."""
-    columns = [field.tolist() for field in draws]
-    return [plan_view(height, width, AugDraws(*(column[k] for column in columns)), view)
-            for k, view in enumerate(views)]
+def row_draws(row: list[float]) -> AugDraws:
+    """One row of gpu_augment.draw_uniforms as plain numbers, split as split_draws splits the tensor."""
+    fields, start = [], 0
+    for width in DRAW_WIDTHS:
+        fields.append(row[start] if width == 1 else row[start:start + width])
+        start += width
+    draws = AugDraws(*fields)
+    return draws._replace(jitter_order=sorted(range(4), key=draws.jitter_order.__getitem__))  # = argsort
+
+
+def plan_views(height: int, width: int, uniforms: torch.Tensor, views: Sequence[ViewAugment]) -> list[ViewPlan]:
+    """Row k of uniforms (gpu_augment.draw_uniforms) planned with views[k], for an image of this size."""
+    return [plan_view(height, width, row_draws(row), view) for row, view in zip(uniforms.tolist(), views, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -159,8 +167,8 @@ class PilAugment:
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """uint8 (3, size, size) views of a PIL image, lazily opened (decoded here, once) or already decoded."""
-        draws = draw_augment(len(self.views), generator=generator)
-        plans = plan_views(img.height, img.width, draws, self.views)
+        uniforms = draw_uniforms(len(self.views), generator=generator)
+        plans = plan_views(img.height, img.width, uniforms, self.views)
         scale = draft_scale(plans, self.size, img)
         img = decode(img, scale)
         return [render(img, plan, self.size, scale) for plan in plans]

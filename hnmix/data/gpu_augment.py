@@ -60,13 +60,22 @@ DRAW_WIDTHS = AugDraws(crop_scale=CROP_TRIES, crop_ratio=CROP_TRIES, crop_pos=2,
                        jitter_factors=4, gray=1, blur=1, sigma=1, solarize=1, flip=1)
 
 
-def draw_augment(n: int, *, generator: torch.Generator | None = None, device=None) -> AugDraws:
-    """All of n views' random numbers in one draw (one kernel on a GPU, one call per sample on a CPU)."""
-    u = torch.rand(n, sum(DRAW_WIDTHS), generator=generator, device=device).split(list(DRAW_WIDTHS), dim=1)
+def draw_uniforms(n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """(n, sum(DRAW_WIDTHS)) U(0, 1): all of n views' random numbers in one draw (one kernel on a GPU)."""
+    return torch.rand(n, sum(DRAW_WIDTHS), generator=generator, device=device)
+
+
+def split_draws(u: torch.Tensor) -> AugDraws:
+    """The fields of draw_uniforms' columns; the jitter order is the argsort of its four numbers."""
+    parts = u.split(list(DRAW_WIDTHS), dim=1)
     fields = {name: part if width > 1 else part[:, 0]
-              for (name, width), part in zip(DRAW_WIDTHS._asdict().items(), u, strict=True)}
+              for (name, width), part in zip(DRAW_WIDTHS._asdict().items(), parts, strict=True)}
     fields["jitter_order"] = fields["jitter_order"].argsort(dim=1)  # uniform over the 24 orders, as randperm(4)
     return AugDraws(**fields)
+
+
+def draw_augment(n: int, *, generator: torch.Generator | None = None, device=None) -> AugDraws:
+    return split_draws(draw_uniforms(n, generator=generator, device=device))
 
 
 # ----------------------------------------------------------------------------------------- settings
