@@ -1,8 +1,9 @@
 """The augmentations of hnmix.data.augment_settings on PIL images (per sample, in loader workers), returning
 uint8 tensors; normalisation happens on the device.
 
-Parameters are drawn exactly as the device pipeline draws them (hnmix.data.gpu_augment: AugDraws mapped by
-AugParams, from torch's RNG), so both pipelines share one definition of every distribution. Pixels are
+Parameters come from the device pipeline's uniform draws (hnmix.data.gpu_augment.draw_uniforms, from torch's
+RNG), mapped as it maps them (in plain Python here, tested equal), so both pipelines share one definition
+of every distribution. Pixels are
 Pillow's, as torchvision's PIL transforms and official MoCo compute them: RandomResizedCrop (crop, then
 resize), ColorJitter's four ops (torchvision's functions), grayscale as `convert("L")`
 (kept one band until the tensor), ImageFilter.GaussianBlur (band by band), ImageOps.solarize, flip.
