@@ -78,8 +78,13 @@ class SettingsCommand(TyperCommand):
         column = min(max(len(term) for records in sections.values() for term, _ in records) + 2, 32)
         for name, records in sorted(sections.items(), key=lambda kv: (kv[0] != "Arguments", kv[0] == OTHER)):
             panels = set(sections) - {"Arguments"}
-            with formatter.section("Options" if panels == {OTHER} else name):
-                write_definitions(formatter, records, column)
+            heading = "Options" if panels == {OTHER} else name
+            formatter.write_paragraph()
+            for line in textwrap.wrap(f"{heading}:", max(formatter.width - formatter.current_indent, 20)):
+                formatter.write(f"{' ' * formatter.current_indent}{line}\n")
+            formatter.indent()
+            write_definitions(formatter, records, column)
+            formatter.dedent()
 
 
 def write_definitions(formatter, records: list[tuple[str, str]], column: int) -> None:
@@ -131,8 +136,13 @@ def _default_text(field_info) -> str:
     default = field_info.get_default(call_default_factory=True)
     if default is None:
         return ""
+    def text(v) -> str:
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+
     if isinstance(default, list | tuple):
-        default = ",".join(map(str, default))
+        return f" [default: {','.join(map(text, default))}]"
+    if isinstance(default, float):
+        default = text(default)
     return f" [default: {str(default).lower() if isinstance(default, bool) else default}]"
 
 

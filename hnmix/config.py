@@ -13,12 +13,14 @@ from typing import Literal
 from pydantic import Field, create_model, field_validator, model_validator
 
 from hnmix.core.settings import Settings, setting
+from hnmix.data.augment_settings import AugmentSettings
 from hnmix.data.demo import DEMO
 from hnmix.data.folder import check_data_path
 from hnmix.errors import HnmixError
 from hnmix.negatives import METHODS, MOCO, Method
 
 DATA, MODEL, HN, OPTIM, RUN = "Data", "Model", "Hard negatives", "Optimisation", "Run directory and devices"
+AUGMENT = "Augmentations (--augment-preset fills what is not given; --augment-view2-* for the second view)"
 
 
 class PretrainBase(Settings):
@@ -36,6 +38,8 @@ class PretrainBase(Settings):
         "resident/pil)", flags=("--pipeline", "--data-on-gpu"), panel=DATA)
     skip_corrupt: bool = setting(False, "replace unreadable images by the next one (counted) instead of stopping",
                                  panel=DATA)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings, description=AUGMENT,
+                                     json_schema_extra={"panel": AUGMENT})
     # model
     arch: str = setting("resnet50", "any timm model name", panel=MODEL)
     cifar_stem: bool = setting(False, "3x3 stride-1 stem without max-pool, for 32 px images", panel=MODEL)

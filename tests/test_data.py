@@ -1,9 +1,12 @@
 """Dataset discovery, the run-long batch sampler and per-sample reproducible augmentations."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_images
+from PIL import Image
 
+from hnmix.data.augment_settings import AugmentSettings
 from hnmix.data.folder import ImageFiles, scan_images
 from hnmix.data.pretrain import RunBatches, TwoViews, open_images
 from hnmix.errors import CorruptImageError, HnmixError
@@ -96,3 +99,23 @@ def test_demo_colours_identify_neither_the_class_nor_the_instance():
     assert nearest_label_hit < 0.15  # chance is 0.1
     # a typical background colour is shared by about one image in eight (uniform RGB colours: ~28 of 2000)
     assert (distances < 40).sum(1).float().median() > 150
+
+
+def test_views_follow_the_augment_settings_view_by_view(image_folder):
+    settings = AugmentSettings(grayscale_p=0.0, view2={"grayscale_p": 1.0})
+    ds = TwoViews(open_images(str(image_folder)), size=16, seed=1, augment=settings)
+    for index in range(4):
+        q, k, _, _ = ds[(index, 0)]
+        assert (k == k[0]).all() and not (q == q[0]).all()
+
+
+def test_gray_and_transparent_files_give_three_channel_views(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)).save(tmp_path / "gray.jpg")
+    Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8)).save(tmp_path / "rgba.png")
+    ds = TwoViews(open_images(str(tmp_path)), size=16, seed=0)
+    for index in range(2):
+        for view in ds[(index, 0)][:2]:
+            assert view.shape == (3, 16, 16) and view.dtype == torch.uint8
+    gray_q = ds[(ds.images.paths.index(tmp_path / "gray.jpg"), 0)][0]
+    assert (gray_q == gray_q[0]).all()

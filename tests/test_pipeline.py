@@ -43,7 +43,7 @@ def test_a_bad_file_mid_run_saves_the_step_and_says_how_to_continue(runner, tmp_
     data = write_images(tmp_path / "d", 16, classes=["a", "b"])  # 2 steps per epoch
     bad = data / "a" / "img0004.jpg"
     loads = {"n": 0}
-    real = folder.load_rgb
+    real = folder.open_image
 
     def flaky(path):  # readable during the first epoch (16 loads), unreadable after
         loads["n"] += 1
@@ -51,7 +51,7 @@ def test_a_bad_file_mid_run_saves_the_step_and_says_how_to_continue(runner, tmp_
             raise CorruptImageError(f"cannot read image {path}: truncated")
         return real(path)
 
-    monkeypatch.setattr(folder, "load_rgb", flaky)
+    monkeypatch.setattr(folder, "open_image", flaky)
     out = tmp_path / "run"
     result = pretrain(runner, data, out, "--epochs", "4", "--pipeline", "pil", "--save-every", "0")
     err = " ".join(result.stderr.split())
@@ -106,3 +106,13 @@ def test_decode_pipeline_kill_and_resume_is_bit_identical(tmp_path):
 def last_step(metrics):
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     return json.loads(lines[-1])["step"] if lines else 0
+
+
+def test_resident_training_holds_the_knn_splits_on_the_device_too(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("HNMIX_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "d"
+    write_images(data / "train", 16, classes=["a", "b"])
+    write_images(data / "val", 6, classes=["a", "b"], seed=1)
+    result = pretrain(runner, data, tmp_path / "run", "--epochs", "1", "--pipeline", "resident", "--knn-every", "1")
+    assert result.exit_code == 0, result.output
+    assert "kNN monitor: both splits held on the device" in result.stdout and "kNN top-1" in result.stdout

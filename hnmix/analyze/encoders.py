@@ -15,6 +15,7 @@ from torch import nn
 from hnmix.config import PretrainConfig
 from hnmix.core.io import load_torch_dict
 from hnmix.core.settings import migrate_values
+from hnmix.data.augment_settings import AugmentSettings
 from hnmix.errors import HnmixError
 from hnmix.models.moco import MoCo
 from hnmix.models.weights import CHECKPOINT_FORMAT, build_backbone, load_backbone_weights
@@ -38,6 +39,7 @@ class Encoders:
     image_size: int | None
     epoch: int | None
     config_source: str = "the checkpoint's"
+    augment: AugmentSettings | None = None  # the run's augmentations (None: MoCo v2's)
 
 
 def official_to_hnmix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,8 +103,9 @@ def load_encoders(path: str | Path, features: str, arch: str | None = None,
         query, key, queue = model.encoder_q, model.encoder_k, model.queue
     else:
         query, key, queue, labels = model.encoder_q.backbone, model.encoder_k.backbone, None, None
+    augment = AugmentSettings.model_validate(cfg["augment"]) if "augment" in cfg else None
     return Encoders(weights.path, weights.source, arch, query, key, queue, labels, cfg.get("temperature"), mochi,
-                    cfg.get("image_size"), epoch)
+                    cfg.get("image_size"), epoch, augment=augment)
 
 
 def mochi_defaults() -> dict:

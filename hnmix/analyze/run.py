@@ -23,7 +23,8 @@ from hnmix.analyze.encoders import Encoders, load_encoders, mochi_defaults
 from hnmix.analyze.plots import plot_all, series_labels
 from hnmix.core.device import autocast_dtype, resolve_device
 from hnmix.core.log import eval_progress
-from hnmix.data.augment import Normalize, moco_v2_augment
+from hnmix.data.augment import Normalize, PilAugment
+from hnmix.data.augment_settings import AugmentSettings
 from hnmix.data.demo import DEMO
 from hnmix.data.labelled import describe_source, eval_transform
 from hnmix.data.pretrain import open_images, sample_seed
@@ -53,10 +54,11 @@ def open_split(data: str, split: str):
 class AnalysisViews(Dataset):
     """(center-cropped view, augmented view 1, augmented view 2, label); views not asked for are empty."""
 
-    def __init__(self, images, indices: list[int], size: int, seed: int, eval_view: bool, pair: bool):
+    def __init__(self, images, indices: list[int], size: int, seed: int, eval_view: bool, pair: bool,
+                 augment: AugmentSettings | None = None):
         self.images, self.indices, self.seed = images, indices, seed
         self.eval_tf = eval_transform(size) if eval_view else None
-        self.aug = moco_v2_augment(size) if pair else None
+        self.aug = PilAugment(augment, size) if pair else None  # the run's two views (default: MoCo v2's)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -66,10 +68,8 @@ class AnalysisViews(Dataset):
         img = self.images.load(index)
         view = self.eval_tf(img) if self.eval_tf else EMPTY
         q = k = EMPTY
-        if self.aug:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, 0, index))  # the same crops for every weights file
-                q, k = self.aug(img), self.aug(img)
+        if self.aug:  # the same crops for every weights file
+            q, k = self.aug(img, torch.Generator().manual_seed(sample_seed(self.seed, 0, index)))
         return view, q, k, self.images.labels[index]
 
 
@@ -175,7 +175,7 @@ class Analysis:
             "alignment" in self.metrics and self.labelled)
         pair = any(m in self.metrics for m in PAIR_METRICS)
         size = self.image_size(enc)
-        views = AnalysisViews(self.images, self.indices, size, self.cfg.seed, eval_view, pair)
+        views = AnalysisViews(self.images, self.indices, size, self.cfg.seed, eval_view, pair, enc.augment)
         loader = make_loader(views, self.cfg.batch_size, self.cfg.workers, self.device)
         task = progress.add_task(f"encode {label}", total=len(loader), info="")
         out: dict[str, list] = {"eval": [], "q": [], "k": [], "q2": [], "labels": []}

@@ -105,8 +105,9 @@ def dotted(path: tuple[str, ...]) -> str:
 def check_keys(cls: type[BaseModel], values: dict[tuple[str, ...], Any], origin: str) -> None:
     paths = known_paths(cls)
     names = [dotted(p) for p in paths]
+    sections = {p[:i] for p in paths for i in range(1, len(p))}
     for path in values:
-        if path in paths:
+        if path in paths or path in sections:  # a whole section as one value: its model validates it
             continue
         key = dotted(path)
         close = difflib.get_close_matches(key, names, n=1) or difflib.get_close_matches(

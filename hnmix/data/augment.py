@@ -1,32 +1,198 @@
-"""MoCo-v2 augmentations (aug+) on PIL images, returning uint8 tensors; normalisation happens on device."""
+"""The augmentations of hnmix.data.augment_settings on PIL images (per sample, in loader workers), returning
+uint8 tensors; normalisation happens on the device.
+
+Parameters come from the device pipeline's uniform draws (hnmix.data.gpu_augment.draw_uniforms, from torch's
+RNG), mapped as it maps them (in plain Python here, tested equal), so both pipelines share one definition
+of every distribution. Pixels are
+Pillow's, as torchvision's PIL transforms and official MoCo compute them: RandomResizedCrop (crop, then
+resize), ColorJitter's four ops (torchvision's functions), grayscale as `convert("L")`
+(kept one band until the tensor), ImageFilter.GaussianBlur (band by band), ImageOps.solarize, flip.
+
+An image is decoded once for both views, after both crops are drawn from its header size: a JPEG whose
+two crops still cover the output size at 1/2, 1/4 or 1/8 scale is decoded at that scale (libjpeg's DCT
+scaling, `Image.draft`), which leaves the crop distribution unchanged.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
 import torch
-from torchvision import transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from hnmix.data.augment_settings import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SOLARIZE_THRESHOLD,
+    AugmentSettings,
+    ViewAugment,
+)
+from hnmix.data.folder import can_draft, decode
+from hnmix.data.gpu_augment import DRAW_WIDTHS, AugDraws, draw_uniforms
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "PilAugment", "make_pil_transform", "moco_v2_augment"]
+
+DRAFT_SCALES = (8, 4, 2)  # JPEG DCT-domain reductions
 
 
-def blur_kernel(size: int) -> int:
-    """About 10 % of the crop, odd, as in SimCLR/MoCo-v2 (MoCo's PIL blur has no kernel size to copy)."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
+class ViewPlan(NamedTuple):
+    """One view's drawn parameters as plain numbers."""
+
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the full-size image
+    jitter: list[tuple[int, float]]  # (op, factor) in the drawn order; op 0-3: brightness, contrast, saturation, hue
+    grayscale: bool
+    sigma: float  # 0: no blur
+    solarize: bool
+    flip: bool
 
 
-def moco_v2_augment(size: int) -> T.Compose:
-    """RandomResizedCrop(0.2-1), ColorJitter(0.4,0.4,0.4,0.1) p0.8, grayscale p0.2, blur sigma 0.1-2 p0.5, flip.
+def crop_box(height: int, width: int, view: ViewAugment, u_scale, u_ratio, u_pos) -> tuple[int, int, int, int]:
+    """RandomResizedCrop.get_params with these uniforms: the first of the tries that fits, else the central
+    crop (hnmix.data.gpu_augment.crop_boxes for one image, in plain Python: a few microseconds)."""
+    (scale_lo, scale_hi), (ratio_lo, ratio_hi) = view.crop_scale, view.crop_ratio
+    log_lo, log_hi = math.log(ratio_lo), math.log(ratio_hi)
+    for us, ur in zip(u_scale, u_ratio, strict=True):
+        target = height * width * (scale_lo + (scale_hi - scale_lo) * us)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * ur)
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(math.floor(u_pos[0] * (height - h + 1)), height - h)
+            left = min(math.floor(u_pos[1] * (width - w + 1)), width - w)
+            return left, top, left + w, top + h
+    w = round(height * ratio_hi) if width / height > ratio_hi else width
+    h = round(width / ratio_lo) if width / height < ratio_lo else height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
 
-    Every random draw goes through torch's global RNG, which the caller seeds per sample.
-    """
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.PILToTensor(),
-    ])
+
+def plan_view(height: int, width: int, u: AugDraws, view: ViewAugment) -> ViewPlan:
+    """One view's parameters from its row of draws (plain numbers), mapped as the device pipeline maps them."""
+    ranges = [(max(0.0, 1 - b), 1 + b) for b in (view.brightness, view.contrast, view.saturation)]
+    ranges.append((-view.hue, view.hue))
+    ops = []
+    if u.jitter < view.jitter_p:
+        ops = [(op, ranges[op][0] + (ranges[op][1] - ranges[op][0]) * u.jitter_factors[op]) for op in u.jitter_order
+               if ranges[op][1] > ranges[op][0]]  # a zero strength skips its op, as torchvision does
+    (sigma_lo, sigma_hi) = view.blur_sigma
+    sigma = sigma_lo + (sigma_hi - sigma_lo) * u.sigma if u.blur < view.blur_p else 0.0
+    return ViewPlan(crop_box(height, width, view, u.crop_scale, u.crop_ratio, u.crop_pos), ops,
+                    u.gray < view.grayscale_p, sigma, u.solarize < view.solarize_p, u.flip < view.flip_p)
+
+
+def row_draws(row: list[float]) -> AugDraws:
+    """One row of gpu_augment.draw_uniforms as plain numbers, split as split_draws splits the tensor."""
+    fields, start = [], 0
+    for width in DRAW_WIDTHS:
+        fields.append(row[start] if width == 1 else row[start:start + width])
+        start += width
+    draws = AugDraws(*fields)
+    return draws._replace(jitter_order=sorted(range(4), key=draws.jitter_order.__getitem__))  # = argsort
+
+
+def plan_views(height: int, width: int, uniforms: torch.Tensor, views: Sequence[ViewAugment]) -> list[ViewPlan]:
+    """Row k of uniforms (gpu_augment.draw_uniforms) planned with views[k], for an image of this size."""
+    return [plan_view(height, width, row_draws(row), view) for row, view in zip(uniforms.tolist(), views, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+def draft_scale(plans: Sequence[ViewPlan], size: int, img: Image.Image) -> int:
+    """The largest JPEG reduction at which every view's crop still covers size x size pixels (else 1)."""
+    if not can_draft(img):
+        return 1
+    smallest = min(min(p.box[2] - p.box[0], p.box[3] - p.box[1]) for p in plans)
+    return next((s for s in DRAFT_SCALES if smallest / s >= size), 1)
+
+
+def crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int, scale: int = 1) -> Image.Image:
+    """RandomResizedCrop's crop and bilinear (antialiased) resize, box in full-size pixels. On a reduced image
+    (scale > 1) one `resize(box=...)` call takes the fractional box; at full size the crop comes first, as
+    torchvision's (its edge repeats at the view's border, where the box form would read past it)."""
+    if scale > 1:
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=tuple(c / scale for c in box))
+    return img.crop(box).resize((size, size), Image.Resampling.BILINEAR)
+
+
+# torchvision's PIL kernels (ImageEnhance blends; hue through PIL's uint8 HSV), as official MoCo's ColorJitter
+JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def jitter(img: Image.Image, ops: list[tuple[int, float]]) -> Image.Image:
+    for op, factor in ops:
+        img = JITTER_OPS[op](img, factor)
+    return img
+
+
+def blur(img: Image.Image, sigma: float) -> Image.Image:
+    """ImageFilter.GaussianBlur, band by band: PIL's one-band blur is faster than its four-byte RGB one."""
+    if sigma == 0:
+        return img
+    blurred = [band.filter(ImageFilter.GaussianBlur(sigma)) for band in img.split()]
+    return blurred[0] if img.mode == "L" else Image.merge(img.mode, blurred)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8; a one-band (gray) image repeated over three channels without a copy."""
+    pixels = torch.from_numpy(np.array(img))
+    return pixels[None].expand(3, -1, -1) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+
+
+def render(img: Image.Image, plan: ViewPlan, size: int, scale: int = 1) -> torch.Tensor:
+    """One view of a decoded image (decoded at 1/scale) from its plan."""
+    view = jitter(crop_resize(img, plan.box, size, scale), plan.jitter)
+    if plan.grayscale:
+        view = view.convert("L")  # = torchvision's rgb_to_grayscale(img, 3), one band instead of three equal
+    view = blur(view, plan.sigma)
+    if plan.solarize:
+        view = ImageOps.solarize(view, SOLARIZE_THRESHOLD)
+    if plan.flip:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(view)
+
+
+# ----------------------------------------------------------------------------------------- whole
+
+
+class PilAugment:
+    """Views of one image: row k of each call uses the settings of view `views[k]` (0: the first view, the
+    settings' top level; 1: the second, `view2`). Draws come from `generator` (default: torch's global RNG)."""
+
+    def __init__(self, settings: AugmentSettings | None, size: int, views: Sequence[int] = (0, 1)):
+        both = (settings or AugmentSettings()).views()
+        self.size, self.views = size, [both[v] for v in views]
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """uint8 (3, size, size) views of a PIL image, lazily opened (decoded here, once) or already decoded."""
+        uniforms = draw_uniforms(len(self.views), generator=generator)
+        plans = plan_views(img.height, img.width, uniforms, self.views)
+        scale = draft_scale(plans, self.size, img)
+        img = decode(img, scale)
+        return [render(img, plan, self.size, scale) for plan in plans]
+
+
+class PilTransform:
+    """A single-view transform, img -> uint8 tensor, drawing from torch's global RNG (as torchvision's)."""
+
+    def __init__(self, augment: PilAugment):
+        self.augment = augment
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.augment(img)[0]
+
+
+def make_pil_transform(settings: AugmentSettings | None, size: int, view: int = 0) -> PilTransform:
+    """The PIL transform of one view (0: first, 1: second) of these settings (default: MoCo v2 aug+)."""
+    return PilTransform(PilAugment(settings, size, views=(view,)))
+
+
+def moco_v2_augment(size: int) -> PilTransform:
+    """MoCo v2 aug+ (the mocov2 preset's first view)."""
+    return make_pil_transform(None, size)
 
 
 class Normalize(torch.nn.Module):

@@ -51,16 +51,45 @@ def scan_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     return files, [-1] * len(files), []
 
 
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what Pillow raises on bad files
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image's header (size, mode, format); its pixels are read by `decode`."""
+    try:
+        return Image.open(path)
+    except READ_ERRORS as e:
+        raise CorruptImageError(f"cannot read image {path}: {e}") from None
+
+
+def can_draft(img: Image.Image) -> bool:
+    """Whether `decode` can reduce this image: a JPEG not decoded yet."""
+    return img.format == "JPEG" and len(getattr(img, "tile", ())) == 1 and not getattr(img, "decoderconfig", ())
+
+
+def decode(img: Image.Image, scale: int = 1) -> Image.Image:
+    """The pixels of an opened image, RGB or L (a gray image stays one band): no copy when already so.
+    scale > 1 (only where can_draft) decodes a JPEG at 1/scale in the DCT domain (`Image.draft`); the size
+    asked for makes Pillow pick exactly that scale."""
+    if scale > 1 and img.draft(img.mode, (img.width // scale, img.height // scale)) is None:
+        raise RuntimeError(f"decode: cannot reduce {img.format} image {img} (check can_draft first)")
+    try:
+        img.load()
+        return img if img.mode in ("RGB", "L") else img.convert("RGB")
+    except READ_ERRORS as e:
+        raise CorruptImageError(f"cannot read image {getattr(img, 'filename', '')}: {e}") from None
+
+
 def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except READ_ERRORS as e:
         raise CorruptImageError(f"cannot read image {path}: {e}") from None
 
 
 class ImageFiles:
-    """Labelled (or not) image files; `load(i)` returns an RGB PIL image."""
+    """Labelled (or not) image files; `load(i)` returns an RGB PIL image, `open(i)` an undecoded one."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -71,6 +100,10 @@ class ImageFiles:
 
     def load(self, i: int) -> Image.Image:
         return load_rgb(self.paths[i])
+
+    def open(self, i: int) -> Image.Image:
+        """Header only (see `decode`): pipelines that reduce or crop before decoding read fewer pixels."""
+        return open_image(self.paths[i])
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])

@@ -1,71 +1,160 @@
-"""MoCo-v2 aug+ on a whole batch of uint8 images on any device: the distributions of
-hnmix.data.augment.moco_v2_augment, with every draw a tensor and no per-image Python.
+"""The augmentations of hnmix.data.augment_settings on a whole batch of uint8 images on any device: the
+distributions of the PIL pipeline (hnmix.data.augment), with every draw a tensor and no per-image Python.
 
-Per sample, in torchvision's order: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, 10 tries, then the
-central fallback), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 in a random order of its four ops,
-grayscale p 0.2, Gaussian blur sigma U(0.1, 2) p 0.5 (kernel blur_kernel(size), reflect padding),
-horizontal flip p 0.5, then ImageNet normalisation. Colour ops follow torchvision's tensor kernels on
-[0, 1] floats (the CPU pipeline runs PIL's, which round to uint8 after each op). The crop is resampled
-by roi_align: bilinear when enlarging (as PIL), an average of bilinear samples when shrinking (PIL
-uses a triangle filter there).
+Per view, in torchvision's order: RandomResizedCrop (10 tries, then the central fallback), ColorJitter with
+its four ops in a random order, grayscale, Gaussian blur as PIL's ImageFilter.GaussianBlur (three passes of
+an extended box per axis, edges repeated, as official MoCo's blur), solarisation, horizontal flip, then
+normalisation. Colour ops follow torchvision's tensor kernels on [0, 1] floats (the PIL pipeline rounds to
+uint8 after each op). The crop is resampled by roi_align: bilinear when enlarging (as PIL), an average of
+bilinear samples when shrinking (PIL uses a triangle filter there).
 
-Randomness lives in AugDraws: raw U(0, 1) numbers per view, drawn once for the global batch, so a
-sample's views do not depend on how the batch is split over ranks.
+Randomness lives in AugDraws: raw U(0, 1) numbers per view, drawn once for the global batch, so a sample's
+views do not depend on how the batch is split over ranks. Settings live in AugParams: each row's view
+settings as tensors, so one batched call augments rows of both (BYOL-style different) views.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from hnmix.data.augment import IMAGENET_MEAN, IMAGENET_STD, blur_kernel
+from hnmix.data.augment_settings import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SOLARIZE_THRESHOLD,
+    AugmentSettings,
+    ViewAugment,
+)
 
-SCALE, RATIO, CROP_TRIES = (0.2, 1.0), (3 / 4, 4 / 3), 10
-BRIGHTNESS = CONTRAST = SATURATION = 0.4
-HUE = 0.1
-P_JITTER, P_GRAY, P_BLUR, P_FLIP = 0.8, 0.2, 0.5, 0.5
-SIGMA = (0.1, 2.0)
+CROP_TRIES = 10
+BLUR_PASSES = 3  # PIL's GaussianBlur: three box passes per axis
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
 class AugDraws(NamedTuple):
-    """Every random number of one view per row; the transforms map them to parameters."""
+    """Every random number of one view per row; the transforms map them to parameters (with AugParams)."""
 
     crop_scale: torch.Tensor  # (n, 10) U(0, 1) per try
     crop_ratio: torch.Tensor  # (n, 10)
     crop_pos: torch.Tensor  # (n, 2) top, left
-    jitter: torch.Tensor  # (n,) applied when < P_JITTER
+    jitter: torch.Tensor  # (n,) applied when < jitter_p
     jitter_order: torch.Tensor  # (n, 4) a permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue
     jitter_factors: torch.Tensor  # (n, 4) in that op order
     gray: torch.Tensor  # (n,)
     blur: torch.Tensor  # (n,)
     sigma: torch.Tensor  # (n,)
+    solarize: torch.Tensor  # (n,)
     flip: torch.Tensor  # (n,)
 
     def take(self, rows: torch.Tensor | slice) -> AugDraws:
         return AugDraws(*(field[rows] for field in self))
 
 
+DRAW_WIDTHS = AugDraws(crop_scale=CROP_TRIES, crop_ratio=CROP_TRIES, crop_pos=2, jitter=1, jitter_order=4,
+                       jitter_factors=4, gray=1, blur=1, sigma=1, solarize=1, flip=1)
+
+
+def draw_uniforms(n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """(n, sum(DRAW_WIDTHS)) U(0, 1): all of n views' random numbers in one draw (one kernel on a GPU)."""
+    return torch.rand(n, sum(DRAW_WIDTHS), generator=generator, device=device)
+
+
+def split_draws(u: torch.Tensor) -> AugDraws:
+    """The fields of draw_uniforms' columns; the jitter order is the argsort of its four numbers."""
+    parts = u.split(list(DRAW_WIDTHS), dim=1)
+    fields = {name: part if width > 1 else part[:, 0]
+              for (name, width), part in zip(DRAW_WIDTHS._asdict().items(), parts, strict=True)}
+    fields["jitter_order"] = fields["jitter_order"].argsort(dim=1)  # uniform over the 24 orders, as randperm(4)
+    return AugDraws(**fields)
+
+
 def draw_augment(n: int, *, generator: torch.Generator | None = None, device=None) -> AugDraws:
-    kw = dict(generator=generator, device=device)
-    return AugDraws(
-        crop_scale=torch.rand(n, CROP_TRIES, **kw), crop_ratio=torch.rand(n, CROP_TRIES, **kw),
-        crop_pos=torch.rand(n, 2, **kw), jitter=torch.rand(n, **kw),
-        jitter_order=torch.rand(n, 4, **kw).argsort(dim=1),  # uniform over the 24 orders, as randperm(4)
-        jitter_factors=torch.rand(n, 4, **kw), gray=torch.rand(n, **kw), blur=torch.rand(n, **kw),
-        sigma=torch.rand(n, **kw), flip=torch.rand(n, **kw),
-    )
+    return split_draws(draw_uniforms(n, generator=generator, device=device))
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+
+class AugParams(NamedTuple):
+    """Each row's view settings (hnmix.data.augment_settings.ViewAugment) as tensors."""
+
+    crop_scale: torch.Tensor  # (n, 2) lo, hi share of the image's area
+    crop_log_ratio: torch.Tensor  # (n, 2) lo, hi of log(width / height)
+    jitter_lo: torch.Tensor  # (n, 4) lowest brightness, contrast, saturation factor and hue shift
+    jitter_hi: torch.Tensor  # (n, 4) highest
+    jitter_p: torch.Tensor  # (n,)
+    grayscale_p: torch.Tensor
+    blur_p: torch.Tensor
+    blur_sigma: torch.Tensor  # (n, 2)
+    solarize_p: torch.Tensor
+    flip_p: torch.Tensor
+    blur_reach: int  # farthest pixel any row's blur reads, in pixels: a static conv size, known without a sync
+
+    def take(self, rows: torch.Tensor | slice) -> AugParams:
+        return AugParams(*(field[rows] for field in self[:-1]), self.blur_reach)
+
+
+def view_table(views: Sequence[ViewAugment]) -> torch.Tensor:
+    """(len(views), 19) float64: each view's settings as one row of AugParams' columns."""
+    rows = []
+    for v in views:
+        strengths = (v.brightness, v.contrast, v.saturation)
+        rows.append([*v.crop_scale, *map(math.log, v.crop_ratio), *(max(0.0, 1 - b) for b in strengths), -v.hue,
+                     *(1 + b for b in strengths), v.hue, v.jitter_p, v.grayscale_p, v.blur_p, *v.blur_sigma,
+                     v.solarize_p, v.flip_p])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def pil_box_radius(sigma):
+    """PIL's GaussianBlur(sigma) as three passes of an extended box of this radius (Pillow's BoxBlur.c,
+    _gaussian_blur_radius; Gwosdek et al. 2011): the same variance sigma^2. Floats or tensors."""
+    sigma2 = sigma * sigma / BLUR_PASSES
+    length = (12.0 * sigma2 + 1.0) ** 0.5
+    whole = ((length - 1.0) / 2.0) // 1
+    part = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2) / (6 * (sigma2 - (whole + 1) ** 2))
+    return whole + part
+
+
+def blur_reach(views: Sequence[ViewAugment]) -> int:
+    """Farthest offset a blur box of any view reaches (0 when no view blurs): the conv width's half."""
+    return max([int(pil_box_radius(v.blur_sigma[1])) + 1 for v in views if v.blur_p > 0], default=0)
+
+
+def rows_params(table: torch.Tensor, view_of_row: torch.Tensor, reach: int) -> AugParams:
+    """AugParams for rows of the views view_of_row (indices into view_table's rows), on table's device."""
+    t = table[view_of_row]
+    return AugParams(t[:, 0:2], t[:, 2:4], t[:, 4:8], t[:, 8:12], t[:, 12], t[:, 13], t[:, 14], t[:, 15:17],
+                     t[:, 17], t[:, 18], reach)
+
+
+def aug_params(views: Sequence[ViewAugment], view_of_row: torch.Tensor) -> AugParams:
+    """Row k augmented with views[view_of_row[k]]: one small host-to-device copy, so build it once per run."""
+    return rows_params(view_table(views).to(view_of_row.device), view_of_row, blur_reach(views))
 
 
 @functools.cache
 def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small constant made once per device: torch.tensor(..., device=cuda) in a step would wait for it."""
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+@functools.cache
+def _default_view() -> tuple[tuple[float, ...], int]:
+    view = AugmentSettings().views()[0]
+    return tuple(view_table([view])[0].tolist()), blur_reach([view])
+
+
+def default_params(n: int, device) -> AugParams:
+    """The default settings (MoCo v2 aug+, view 1) for n rows, without a host-to-device copy after the first."""
+    values, reach = _default_view()
+    table = _constant(values, torch.float64, torch.device(device))[None]
+    return rows_params(table, torch.zeros(n, dtype=torch.long, device=device), reach)
 
 
 # ------------------------------------------------------------------------------------------- crop
@@ -78,22 +167,24 @@ class Boxes(NamedTuple):
     width: torch.Tensor
 
 
-def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, draws: AugDraws) -> Boxes:
+def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, draws: AugDraws, params: AugParams | None = None) -> Boxes:
     """RandomResizedCrop.get_params for every row at once: the first of 10 tries that fits, else the
     central crop. All tries are drawn (torchvision stops at the first fit): the same distribution."""
+    params = default_params(len(heights), heights.device) if params is None else params
     H, W = heights.double()[:, None], widths.double()[:, None]
-    target = H * W * (SCALE[0] + (SCALE[1] - SCALE[0]) * draws.crop_scale.double())
-    lo, hi = math.log(RATIO[0]), math.log(RATIO[1])
-    aspect = torch.exp(lo + (hi - lo) * draws.crop_ratio.double())
+    scale_lo, scale_hi = params.crop_scale.double().unbind(1)
+    ratio_lo, ratio_hi = params.crop_log_ratio.double().unbind(1)
+    target = H * W * (scale_lo[:, None] + (scale_hi - scale_lo)[:, None] * draws.crop_scale.double())
+    aspect = torch.exp(ratio_lo[:, None] + (ratio_hi - ratio_lo)[:, None] * draws.crop_ratio.double())
     w, h = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()  # half to even, as round()
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
     first = fits.float().argmax(dim=1, keepdim=True)  # the first try that fits
     found = fits.any(dim=1)
     w, h, H, W = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], H[:, 0], W[:, 0]
     # fallback: the whole image, or its centre clipped to the extreme ratio
-    in_ratio = W / H
-    fb_w = torch.where(in_ratio > RATIO[1], (H * RATIO[1]).round(), W)
-    fb_h = torch.where(in_ratio < RATIO[0], (W / RATIO[0]).round(), H)
+    in_ratio, max_ratio, min_ratio = W / H, ratio_hi.exp(), ratio_lo.exp()
+    fb_w = torch.where(in_ratio > max_ratio, (H * max_ratio).round(), W)
+    fb_h = torch.where(in_ratio < min_ratio, (W / min_ratio).round(), H)
     w, h = torch.where(found, w, fb_w), torch.where(found, h, fb_h)
     u = draws.crop_pos.double()
     top = torch.where(found, torch.floor(u[:, 0] * (H - h + 1)).clamp_max(H - h), torch.div(H - h, 2, rounding_mode="floor"))
@@ -143,7 +234,7 @@ def adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     with the closed form c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n_c + h6) mod 6, n = 5, 3, 1."""
     maxc = x.amax(dim=1, keepdim=True)
     span = maxc - x.amin(dim=1, keepdim=True)  # = V S
-    top = x.argmax(dim=1, keepdim=True)
+    top = torch.where(x[:, :1] == maxc, 0, torch.where(x[:, 1:2] == maxc, 1, 2))  # argmax, first on ties
     diffs = x - x.roll(-1, dims=1)  # r - g, g - b, b - r
     h6 = diffs.gather(1, (top + 1) % 3) / torch.where(span == 0, 1.0, span) + 2 * top
     h6 = (h6 + 6 * _per_sample(shift, x)).remainder(6)
@@ -151,55 +242,83 @@ def adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     return maxc - span * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def _blend_slot(x: torch.Tensor, op: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+def _blend_slot(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """One of brightness (op 0), contrast (1) or saturation (2) per sample, each a clamped blend
     x f + other (1 - f); other ops (3, hue; -1, none) leave the sample exactly as it is (f = 1)."""
-    f = torch.where(op == 0, factors[0], torch.where(op == 1, factors[1], torch.where(op == 2, factors[2], 1.0)))
+    f = torch.where(op == 0, factors[:, 0], torch.where(op == 1, factors[:, 1], torch.where(op == 2, factors[:, 2], 1.0)))
     gray = rgb_to_grayscale(x)
     pick = op.reshape(-1, 1, 1, 1)
     other = torch.where(pick == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray) * (pick != 0)
     return torch.lerp(other, x, _per_sample(f, x)).clamp_(0, 1)  # lerp is exact at f = 1
 
 
-def color_jitter(x: torch.Tensor, draws: AugDraws) -> torch.Tensor:
-    """ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, each sample's four ops in its own order.
+def jitter_factors(draws: AugDraws, params: AugParams) -> torch.Tensor:
+    """(n, 4) brightness, contrast and saturation factors and hue shift, each uniform in its view's range."""
+    return params.jitter_lo + (params.jitter_hi - params.jitter_lo) * draws.jitter_factors.to(params.jitter_lo.dtype)
+
+
+def color_jitter(x: torch.Tensor, draws: AugDraws, params: AugParams | None = None) -> torch.Tensor:
+    """ColorJitter with each row's strengths and probability, each sample's four ops in its own order.
 
     The costly hue shift runs once for the whole batch: first each sample's ops before its hue (three
-    blend slots, the identity where a sample has fewer), then the hue, then the ops after it."""
-    applied = draws.jitter < P_JITTER
-    u = draws.jitter_factors.to(x.dtype)
-    factors = [1 - b + 2 * b * u[:, k] for k, b in enumerate((BRIGHTNESS, CONTRAST, SATURATION))]
+    blend slots, the identity where a sample has fewer), then the hue, then the ops after it. A zero
+    strength skips its op, as torchvision does."""
+    params = default_params(x.shape[0], x.device) if params is None else params
+    applied = draws.jitter < params.jitter_p
+    factors = jitter_factors(draws, params).to(x.dtype)
     order = torch.where(applied[:, None], draws.jitter_order, -1)  # -1: no op (jitter not drawn)
     hue_at = (draws.jitter_order == 3).float().argmax(dim=1)
     for slot in range(3):
         x = _blend_slot(x, torch.where(slot < hue_at, order[:, slot], -1), factors)
-    shift = torch.where(applied, HUE * (2 * u[:, 3] - 1), 0.0)
-    x = torch.where(applied.reshape(-1, 1, 1, 1), adjust_hue(x, shift), x)
+    hue = applied & (params.jitter_hi[:, 3] > 0)
+    x = torch.where(hue.reshape(-1, 1, 1, 1), adjust_hue(x, torch.where(hue, factors[:, 3], 0.0)), x)
     for after in range(1, 4):
         slot = hue_at + after
         x = _blend_slot(x, torch.where(slot <= 3, order.gather(1, slot.clamp(max=3)[:, None])[:, 0], -1), factors)
     return x
 
 
-# -------------------------------------------------------------------------------------- blur, flip
+# --------------------------------------------------------------------------- blur, solarise, flip
 
 
-def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, size) normalised 1-d kernels, torchvision's _get_gaussian_kernel1d per sigma."""
-    lim = (size - 1) / (2.0 * math.sqrt(2.0))
-    x = torch.linspace(-lim, lim, size, dtype=sigma.dtype, device=sigma.device)
-    return torch.softmax(-(x[None, :] / sigma[:, None]) ** 2, dim=1)
+def blur_sigmas(draws: AugDraws, params: AugParams) -> torch.Tensor:
+    """(n,) each row's blur sigma, uniform in its view's range where the blur is drawn, else 0 (no blur)."""
+    lo, hi = params.blur_sigma.unbind(1)
+    sigma = lo + (hi - lo) * draws.sigma.to(lo.dtype)
+    return torch.where(draws.blur < params.blur_p, sigma, 0.0)
 
 
-def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Separable blur of sample k with kernels[k] (reflect padding), one grouped conv per axis."""
+def box_kernels(radius: torch.Tensor, reach: int) -> torch.Tensor:
+    """(n, 2 reach + 1) extended boxes: weight 1 within the whole radius, its fraction at the next pixel, over
+    2 radius + 1 (Pillow's ImagingLineBoxBlur). Radius 0 is the identity."""
+    offsets = torch.arange(-reach, reach + 1, dtype=radius.dtype, device=radius.device).abs()
+    return (radius[:, None] + 1 - offsets).clamp(0, 1) / (2 * radius[:, None] + 1)
+
+
+def box_blur(x: torch.Tensor, kernels: torch.Tensor, passes: int = BLUR_PASSES) -> torch.Tensor:
+    """`passes` blurs of sample k with kernels[k] along each axis, the edge pixel repeated before every pass
+    (PIL's box blur, in floats where PIL rounds each pass to uint8)."""
     n, c, height, width = x.shape
-    size = kernels.shape[1]
-    weight = kernels.to(x.dtype).repeat_interleave(c, dim=0)  # (n * c, size)
-    y = F.pad(x.reshape(1, n * c, height, width), [size // 2] * 4, mode="reflect")
-    y = F.conv2d(y, weight[:, None, :, None], groups=n * c)
-    y = F.conv2d(y, weight[:, None, None, :], groups=n * c)
+    reach = kernels.shape[1] // 2
+    weight = kernels.to(x.dtype).repeat_interleave(c, dim=0)[:, None, None, :]  # (n * c, 1, 1, taps)
+    y = x.reshape(1, n * c, height, width)
+    for pad, w in (((reach, reach, 0, 0), weight), ((0, 0, reach, reach), weight.transpose(2, 3))):
+        for _ in range(passes):
+            y = F.conv2d(F.pad(y, pad, mode="replicate"), w, groups=n * c)
     return y.reshape(n, c, height, width)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, reach: int) -> torch.Tensor:
+    """PIL's ImageFilter.GaussianBlur(sigma[k]) of each sample (sigma 0: unchanged); reach >= every row's box."""
+    if reach == 0:
+        return x
+    return box_blur(x, box_kernels(pil_box_radius(sigma.double()), reach))
+
+
+def solarize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Invert the levels that round to >= 128 of 255 (PIL's ImageOps.solarize on the uint8 view) where mask."""
+    inverted = torch.where(x >= (SOLARIZE_THRESHOLD - 0.5) / 255, 1 - x, x)
+    return torch.where(mask.reshape(-1, 1, 1, 1), inverted, x)
 
 
 def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -210,7 +329,7 @@ def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def crop_views(images: torch.Tensor, draws: AugDraws, size: int, source: torch.Tensor | None = None,
-               sizes: torch.Tensor | None = None) -> torch.Tensor:
+               sizes: torch.Tensor | None = None, params: AugParams | None = None) -> torch.Tensor:
     """RandomResizedCrop of every row: (n, 3, size, size) floats in [0, 1]. View k is drawn from
     images[source[k]] (default k), whose valid region is its top-left sizes[source[k]] = (height, width)
     (default: the whole tensor; pixels past it must repeat the edge, as hnmix.data.gpu_data stores them)."""
@@ -222,47 +341,58 @@ def crop_views(images: torch.Tensor, draws: AugDraws, size: int, source: torch.T
         heights, widths = torch.full((n,), height, device=device), torch.full((n,), width, device=device)
     else:
         heights, widths = sizes[source, 0], sizes[source, 1]
-    boxes = crop_boxes(heights, widths, draws)
+    boxes = crop_boxes(heights, widths, draws, params)
     return resized_crop(images.float(), boxes, size, source) / 255
 
 
-def finish_views(x: torch.Tensor, draws: AugDraws) -> torch.Tensor:
-    """Everything after the crop, on (n, 3, size, size) floats in [0, 1]: jitter, grayscale, blur, flip."""
-    x = color_jitter(x, draws)
-    x = torch.where((draws.gray < P_GRAY).reshape(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
-    sigma = SIGMA[0] + (SIGMA[1] - SIGMA[0]) * draws.sigma.to(x.dtype)
-    width = blur_kernel(x.shape[-1])
-    identity = _constant(tuple(float(i == width // 2) for i in range(width)), x.dtype, x.device)
-    kernels = torch.where((draws.blur < P_BLUR)[:, None], gaussian_kernels(sigma, width), identity)
-    x = gaussian_blur(x, kernels)
-    return flip(x, draws.flip < P_FLIP)
+def finish_views(x: torch.Tensor, draws: AugDraws, params: AugParams | None = None) -> torch.Tensor:
+    """Everything after the crop, on (n, 3, size, size) floats in [0, 1]: jitter, grayscale, blur, solarise,
+    flip, each row with its view's settings (default: MoCo v2 aug+ for every row)."""
+    params = default_params(x.shape[0], x.device) if params is None else params
+    x = color_jitter(x, draws, params)
+    x = torch.where((draws.gray < params.grayscale_p).reshape(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+    x = gaussian_blur(x, blur_sigmas(draws, params), params.blur_reach)
+    x = solarize(x, draws.solarize < params.solarize_p)
+    return flip(x, draws.flip < params.flip_p)
 
 
 def augment(images: torch.Tensor, draws: AugDraws, size: int, *, source: torch.Tensor | None = None,
-            sizes: torch.Tensor | None = None) -> torch.Tensor:
+            sizes: torch.Tensor | None = None, params: AugParams | None = None) -> torch.Tensor:
     """(n, 3, size, size) floats in [0, 1]: crop_views, then finish_views."""
-    return finish_views(crop_views(images, draws, size, source, sizes), draws)
+    return finish_views(crop_views(images, draws, size, source, sizes, params), draws, params)
 
 
 class GpuAugment(torch.nn.Module):
-    """uint8 batch -> `views` normalised augmented views of every image, stacked view-major."""
+    """uint8 batch -> normalised augmented views, each row with the settings of its view (`view`: 0 for the
+    first view, the settings' top level; 1 for the second, `view2`)."""
 
-    def __init__(self, size: int, channels_last: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, size: int, channels_last: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 settings: AugmentSettings | None = None):
         super().__init__()
         self.size = size
+        views = (settings or AugmentSettings()).views()
+        self.register_buffer("table", view_table(views), persistent=False)
+        self.blur_reach = blur_reach(views)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
+    def params(self, view: torch.Tensor) -> AugParams:
+        """Rows' settings for their view indices (on the table's device: no host-to-device copy)."""
+        return rows_params(self.table, view, self.blur_reach)
+
     def forward(self, images: torch.Tensor, draws: AugDraws, *, source: torch.Tensor | None = None,
-                sizes: torch.Tensor | None = None) -> torch.Tensor:
-        x = augment(images, draws, self.size, source=source, sizes=sizes)
+                sizes: torch.Tensor | None = None, view: torch.Tensor | None = None) -> torch.Tensor:
+        view = torch.zeros(draws.jitter.shape[0], dtype=torch.long, device=images.device) if view is None else view
+        x = augment(images, draws, self.size, source=source, sizes=sizes, params=self.params(view))
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def views(self, images: torch.Tensor, generator: torch.Generator | None = None, views: int = 2,
               sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Convenience: draw and apply `views` views of every image in one pass."""
+        """Convenience: draw and apply `views` views of every image in one pass (view 1's settings for the
+        first, view 2's for the others)."""
         n = images.shape[0]
         draws = draw_augment(views * n, generator=generator, device=images.device)
         source = torch.arange(n, device=images.device).repeat(views)
-        return list(self(images, draws, source=source, sizes=sizes).chunk(views))
+        view = (torch.arange(views, device=images.device) > 0).long().repeat_interleave(n)
+        return list(self(images, draws, source=source, sizes=sizes, view=view).chunk(views))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hnmix.data.augment_settings import AugmentSettings
 from hnmix.data.folder import load_rgb
 from hnmix.data.gpu_augment import GpuAugment, draw_augment
 from hnmix.data.pretrain import RunBatches, sample_seed
@@ -188,13 +189,13 @@ class DeviceBatches:
     """
 
     def __init__(self, decoded: Decoded, labels: list[int], device: torch.device, image_size: int, seed: int,
-                 channels_last: bool):
+                 channels_last: bool, augment: AugmentSettings | None = None):
         self.device, self.seed = device, seed
         self.images = decoded.images.to(device)
         self.sizes = None if decoded.uniform else decoded.sizes.to(device)
         self.skipped = decoded.skipped
         self.labels = torch.tensor(labels, dtype=torch.long, device=device)
-        self.augment = GpuAugment(image_size, channels_last).to(device)
+        self.augment = GpuAugment(image_size, channels_last, settings=augment).to(device)
         self.generator = torch.Generator(device=device)
         self.nbytes = decoded.nbytes
 
@@ -205,6 +206,7 @@ class DeviceBatches:
         rows = torch.cat([torch.arange(offset, offset + local), world_batch + torch.arange(offset, offset + local)])
         rows = rows.to(self.device)
         source = torch.arange(local, device=self.device).repeat(2)
+        view = (torch.arange(2 * local, device=self.device) >= local).long()  # queries: view 1, keys: view 2
         epoch = -1
         for step, e, lo in sampler.positions():
             if e != epoch:  # one host-to-device copy of the order per epoch, none per step
@@ -214,13 +216,14 @@ class DeviceBatches:
             self.generator.manual_seed(sample_seed(self.seed, step, AUGMENT_STREAM))
             draws = draw_augment(2 * world_batch, generator=self.generator, device=self.device).take(rows)
             sizes = None if self.sizes is None else self.sizes[idx]
-            views = self.augment(self.images[idx], draws, source=source, sizes=sizes)
+            views = self.augment(self.images[idx], draws, source=source, sizes=sizes, view=view)
             yield views[:local], views[local:], self.labels[idx], self.skipped[index]
 
 
 def device_batches(images, *, mode: str, device: torch.device, image_size: int, seed: int, channels_last: bool,
                    skip_corrupt: bool, local_rank: int = 0, log: Callable[[str], None] = print,
-                   barrier: Callable[[], None] = lambda: None) -> tuple[DeviceBatches | None, str]:
+                   barrier: Callable[[], None] = lambda: None,
+                   augment: AugmentSettings | None = None) -> tuple[DeviceBatches | None, str]:
     """(the device-resident batch source, or None for the DataLoader; a line saying which and why).
 
     mode: on, off, or auto = on for a CUDA device when the images are small and fit AUTO_MEMORY_SHARE of
@@ -239,7 +242,7 @@ def device_batches(images, *, mode: str, device: torch.device, image_size: int, 
     if mode == "auto" and (why := auto_refusal(int(decoded.sizes.max()), decoded.nbytes, device)):
         return None, f"not device-resident: {why}"
     check_corrupt(decoded, skip_corrupt)
-    source = DeviceBatches(decoded, list(images.labels), device, image_size, seed, channels_last)
+    source = DeviceBatches(decoded, list(images.labels), device, image_size, seed, channels_last, augment)
     shape = "x".join(map(str, decoded.images.shape[1:]))
     return source, (f"on {device.type}: {len(images)} x {shape} uint8 ({decoded.nbytes / 2**20:.0f} MiB), "
                     "batched augmentations")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from hnmix.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from hnmix.data.augment_settings import AugmentSettings
 from hnmix.data.encoded import (
     PIL_ERRORS,
     EncodedBatch,
@@ -34,7 +35,16 @@ from hnmix.data.encoded import (
     device_decodable,
     read_encoded,
 )
-from hnmix.data.gpu_augment import AugDraws, Boxes, crop_boxes, draw_augment, finish_views, resized_crop
+from hnmix.data.gpu_augment import (
+    AugDraws,
+    AugParams,
+    Boxes,
+    GpuAugment,
+    crop_boxes,
+    draw_augment,
+    finish_views,
+    resized_crop,
+)
 from hnmix.data.pretrain import RunBatches, sample_seed
 from hnmix.errors import CorruptImageError, HnmixError
 
@@ -86,7 +96,7 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def crop_each(images: list[torch.Tensor], draws: AugDraws, size: int) -> torch.Tensor:
+def crop_each(images: list[torch.Tensor], draws: AugDraws, size: int, params: AugParams | None = None) -> torch.Tensor:
     """(2B, 3, size, size) floats in [0, 1]: rows k and B + k are the two crops of images[k] (3, h_k, w_k),
     with the boxes of draws' rows k and B + k. Images of one size share one roi_align call."""
     b, device = len(images), draws.jitter.device
@@ -100,7 +110,7 @@ def crop_each(images: list[torch.Tensor], draws: AugDraws, size: int) -> torch.T
         heights += [h] * (2 * len(members))
         widths += [w] * (2 * len(members))
     rows_d, local_d, heights, widths = to_device(torch.tensor([rows, local, heights, widths]), device)
-    boxes = crop_boxes(heights, widths, draws.take(rows_d))
+    boxes = crop_boxes(heights, widths, draws.take(rows_d), None if params is None else params.take(rows_d))
     crops, start = [], 0
     for members in groups.values():
         part = slice(start, start + 2 * len(members))
@@ -117,7 +127,7 @@ class DecodeBatches:
     def __init__(self, images, device: torch.device, image_size: int, seed: int, channels_last: bool,
                  skip_corrupt: bool, workers: int = WORKERS, prefetch: int = PREFETCH,
                  worker_init_fn: Callable[[int], None] | None = None, compile_augment: bool = False,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, augment: AugmentSettings | None = None):
         if not hasattr(images, "paths"):
             raise HnmixError("GPU JPEG decoding reads image files; this dataset has none")
         self.paths: list[Path] = list(images.paths)
@@ -129,6 +139,7 @@ class DecodeBatches:
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device)
+        self.augment = GpuAugment(image_size, channels_last, settings=augment).to(device)  # the views' settings
         # about 65 elementwise passes over the (2B, 3, S, S) views: compiling fuses them (same views to 1e-6;
         # 1.7x on a CPU core for 64 views of 112 px) but costs about a minute before the first step
         self.finish = torch.compile(finish_views, dynamic=False) if compile_augment else finish_views
@@ -145,11 +156,13 @@ class DecodeBatches:
         # rows of the global draw for this rank: view 0 of samples [offset, offset + local), then view 1
         rows = to_device(torch.cat([torch.arange(offset, offset + local),
                                     world_batch + torch.arange(offset, offset + local)]), self.device)
+        view = (torch.arange(2 * local, device=self.device) >= local).long()  # queries: view 1, keys: view 2
         for (step, _, _), batch in zip(sampler.positions(), self.loader(sampler), strict=True):
             images, skipped = self.decode(batch)
             self.generator.manual_seed(sample_seed(self.seed, step, DECODE_STREAM))
             draws = draw_augment(2 * world_batch, generator=self.generator, device=self.device).take(rows)
-            views = self.normalize(self.finish(crop_each(images, draws, self.size), draws))
+            params = self.augment.params(view)
+            views = self.normalize(self.finish(crop_each(images, draws, self.size, params), draws, params))
             yield views[:local], views[local:], self.labels[to_device(batch.indices, self.device)], skipped
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

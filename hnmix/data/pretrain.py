@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from hnmix.data.augment import moco_v2_augment
+from hnmix.data.augment import PilAugment
+from hnmix.data.augment_settings import AugmentSettings
 from hnmix.data.demo import DEMO, DemoImages
 from hnmix.data.folder import ImageFiles, resolve_split
 from hnmix.errors import CorruptImageError, HnmixError
@@ -33,34 +34,39 @@ def open_images(data: str, split: str = "train"):
 
 
 class TwoViews(Dataset):
-    """Item (index, epoch) -> (view_q uint8, view_k uint8, label, corrupt files skipped)."""
+    """Item (index, epoch) -> (view_q uint8, view_k uint8, label, corrupt files skipped).
 
-    def __init__(self, images, size: int, seed: int, skip_corrupt: bool = False):
+    Each image is decoded once for its two views (hnmix.data.augment.PilAugment), its draws from a
+    generator seeded by (seed, epoch, index): the caller's RNG is neither used nor changed."""
+
+    def __init__(self, images, size: int, seed: int, skip_corrupt: bool = False,
+                 augment: AugmentSettings | None = None):
         self.images, self.seed, self.skip_corrupt = images, seed, skip_corrupt
-        self.transform = moco_v2_augment(size)
+        self.augment = PilAugment(augment, size)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
-        img, skipped = self._load(index)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched (workers=0 runs)
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            q, k = self.transform(img), self.transform(img)
-        return q, k, self.images.labels[index], skipped
-
-    def _load(self, index: int):
+        generator = torch.Generator()
         n = len(self.images)
         for skipped in range(n):
             i = (index + skipped) % n
+            generator.manual_seed(sample_seed(self.seed, epoch, index))  # a skipped file leaves no trace
             try:
-                return self.images.load(i), skipped
+                with self._open(i) as img:
+                    q, k = self.augment(img, generator)
+                return q, k, self.images.labels[index], skipped
             except CorruptImageError as e:
                 if not self.skip_corrupt:
                     raise CorruptImageError(f"{e} (use --skip-corrupt to skip unreadable images)") from None
                 warnings.warn(f"skipping unreadable image {self.images.describe(i)}", stacklevel=2)
         raise HnmixError("every image in the dataset is unreadable")
+
+    def _open(self, i: int):
+        """Undecoded when the source can (files: the pipeline decodes, maybe reduced), else decoded."""
+        return self.images.open(i) if hasattr(self.images, "open") else self.images.load(i)
 
 
 class RunBatches(torch.utils.data.Sampler):

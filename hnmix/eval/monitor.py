@@ -22,6 +22,7 @@ class KnnMonitorHook(Hook):
 
     def start(self, trainer) -> None:
         self.monitor.batch_size = max(trainer.local_batch, 256)  # no gradients: larger batches, fewer launches
+        self.normalize = Normalize(channels_last=trainer.cfg.channels_last).to(trainer.info.device)
         if trainer.cfg.pipeline == "resident" and self._hold_on(trainer):
             trainer.console.print("kNN monitor: both splits held on the device (as the training data)")
 
@@ -34,7 +35,6 @@ class KnnMonitorHook(Hook):
             return held
         dist.barrier()
         return self.monitor.hold_on(info.device, trainer.console.print, build=False)
-        self.normalize = Normalize(channels_last=trainer.cfg.channels_last).to(trainer.info.device)
 
     def after_step(self, trainer, out, moment: Moment) -> dict | None:
         if not moment.epoch_end or moment.epoch % self.every:

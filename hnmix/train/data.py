@@ -39,7 +39,7 @@ class TrainingData:
         self.images = open_images(cfg.data, "train")
         if cfg.oracle_labels and min(self.images.labels) < 0:
             raise HnmixError("--oracle-labels needs labelled data (an ImageFolder: one sub-folder per class)")
-        self.dataset = TwoViews(self.images, cfg.image_size, cfg.seed, cfg.skip_corrupt)
+        self.dataset = TwoViews(self.images, cfg.image_size, cfg.seed, cfg.skip_corrupt, augment=cfg.augment)
         wanted = pipeline or cfg.pipeline
         self.pipeline, reason = self._resolve(wanted)
         self.source, note = self._open(self.pipeline, auto=wanted == "auto")
@@ -64,7 +64,7 @@ class TrainingData:
             source, note = device_batches(self.images, mode="auto" if auto else "on", device=info.device,
                                           image_size=cfg.image_size, seed=cfg.seed, channels_last=cfg.channels_last,
                                           skip_corrupt=cfg.skip_corrupt, local_rank=info.local_rank, log=self.log,
-                                          barrier=dist.barrier)
+                                          barrier=dist.barrier, augment=cfg.augment)
             if source is not None:
                 return source, note
             # auto and too large once decoded: the next pipeline in line
@@ -78,7 +78,7 @@ class TrainingData:
             workers = min(self.workers, DECODE_WORKERS)
             source = DecodeBatches(self.images, info.device, cfg.image_size, cfg.seed, cfg.channels_last,
                                    cfg.skip_corrupt, workers=workers, worker_init_fn=ignore_sigint_in_worker,
-                                   compile_augment=cfg.compile)
+                                   compile_augment=cfg.compile, augment=cfg.augment)
             return source, f"{workers} workers read bytes, {info.device.type} decodes and augments each batch"
         source = LoaderBatches(self.dataset, info.device, self.workers, cfg.channels_last, ignore_sigint_in_worker)
         return source, f"{source.workers} DataLoader workers, PIL augmentations"

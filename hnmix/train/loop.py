@@ -32,7 +32,8 @@ from hnmix.train.run_dir import RunDirectory
 from hnmix.train.stop import StopRequest
 
 # settings a resumed run must share with its checkpoint: they shape the model or the data order
-RESUME_FIXED = ("arch", "cifar_stem", "dim", "mlp", "queue_size", "batch_size", "data", "seed", "image_size")
+RESUME_FIXED = ("arch", "cifar_stem", "dim", "mlp", "queue_size", "batch_size", "data", "seed", "image_size",
+                "augment")
 
 
 def effective_lr(cfg) -> float:
@@ -121,10 +122,10 @@ class Trainer:
         self.ddp = self.model
 
     def load(self, ckpt: dict, path: Path) -> None:
-        saved = ckpt["config"]
-        changed = [k for k in RESUME_FIXED if saved.get(k) != getattr(self.cfg, k)]
+        saved, current = ckpt["config"], self.cfg.model_dump(mode="json")
+        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != current[k]]  # hnmix 0.1: no augment
         if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            diffs = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
             raise HnmixError(f"cannot resume {path}: settings differ from the checkpoint ({diffs})")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
