@@ -234,6 +234,42 @@ def analyze(
             typer.echo(json.dumps(report, indent=2))
 
 
+# --------------------------------------------------------------------------------- compare
+
+
+from hnmix.compare.config import CompareConfig as C  # noqa: E402  (pydantic only: no torch import)
+
+
+@app.command()
+def compare(
+    config: Annotated[str | None, field_option(C, "config", "--config")] = None,
+    grid: Annotated[list[str] | None, field_option(C, "grid", "--grid", metavar="KEY=V1,V2")] = None,
+    set_: Annotated[list[str] | None, field_option(C, "sets", "--set", metavar="KEY=VALUE")] = None,
+    output: Annotated[str | None, field_option(C, "output", "--output", "-o")] = None,
+    baseline: Annotated[str | None, field_option(C, "baseline", "--baseline", metavar="KEY=VALUE")] = None,
+    probe: Annotated[str | None, field_option(C, "probe", "--probe")] = None,
+    analyze: Annotated[bool | None, field_option(C, "analyze", "--analyze/--no-analyze")] = None,
+    analyze_set: Annotated[list[str] | None, field_option(C, "analyze_sets", "--analyze-set",
+                                                          metavar="KEY=VALUE")] = None,
+    allow_budget_grid: Annotated[bool, field_option(C, "allow_budget_grid", "--allow-budget-grid")] = False,
+    dry_run: Annotated[bool, field_option(C, "dry_run", "--dry-run")] = False,
+    report_only: Annotated[bool, field_option(C, "report_only", "--report-only")] = False,
+    results_doc: Annotated[str | None, field_option(C, "results_doc", "--results-doc")] = None,
+    dataset_name: Annotated[str | None, field_option(C, "dataset_name", "--dataset-name")] = None,
+) -> None:
+    """Compare methods at equal budget: one pretrain run per grid point, mean +- std over seeds, differences
+    to a baseline with 95 % confidence intervals, and the papers' claims marked reproduced or not.
+
+    Example: hnmix compare --config examples/demo.yaml --grid method=moco,mochi --grid seed=0,1,2 -o runs/cmp
+    """
+    overrides = {k: v for k, v in locals().items() if k not in ("set_", "analyze_set")}
+    overrides.update(sets=set_, analyze_sets=analyze_set)
+    with user_errors():
+        from hnmix.compare import run_compare
+
+        run_compare(load_config(C, None, overrides))
+
+
 # --------------------------------------------------------------------------------- convert / detection
 
 
