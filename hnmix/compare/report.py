@@ -74,7 +74,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def setup_lines(report: dict) -> list[str]:
     b = report["budget"]
-    seeds = ", ".join(map(str, sorted({r["seed"] for r in report["runs"]}, key=str)))
+    seeds = ", ".join(map(str, sorted({r["seed"] for r in report["runs"]})))
     cap = f" (capped at {b['max_steps']} steps)" if b.get("max_steps") else ""
     grid = "; ".join(f"{key} = {', '.join(values)}" for key, values in report["grid"].items())
     baseline = ", ".join(f"{k}={v}" for k, v in report["baseline"].items()) or "none (one arm)"

@@ -153,7 +153,7 @@ def arms_of(records: list[dict], points: list[Point]) -> list[ArmData]:
         arm = arms[r["arm"]]
         arm.method = r["method"]
         for key, value in r["metrics"].items():
-            arm.values.setdefault(key, {})[str(r["seed"])] = value
+            arm.values.setdefault(key, {})[r["seed"]] = value
     return [a for a in arms.values() if a.method]  # arms without a finished run drop out
 
 
@@ -185,8 +185,8 @@ def build_report(cfg: CompareConfig, runs: list[Run], records: list[dict], missi
         "grid": {axis.key: list(axis.texts) for axis in axes}, "baseline": baseline, "planned": len(runs),
         "runs": records, "missing": missing,
         "arms": [{"name": a.name, "point": a.point, "method": a.method,
-                  "seeds": sorted(next(iter(a.values.values())), key=str),
-                  "metrics": {k: summary([v[s] for s in sorted(v, key=str)]) for k, v in a.values.items()}}
+                  "seeds": sorted(next(iter(a.values.values()))),
+                  "metrics": {k: summary([v[s] for s in sorted(v)]) for k, v in a.values.items()}}
                  for a in arms],
         "differences": differences(arms, baseline),
         "claims": judge_all(arms, dataset_name(cfg, runs[0]), epochs),
