@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from hnmix.compare.stats import Interval, difference, mean_interval
 
 MOCHI = "Kalantidis et al., Hard Negative Mixing for Contrastive Learning (MoCHi), NeurIPS 2020"
-SYNCO = "Giakoumoglou & Stathaki, SynCo: Synthetic Hard Negatives for Contrastive Visual Representation Learning"
-RING = "Wu et al., Conditional Negative Sampling for Contrastive Learning of Visual Representations, ICLR 2021"
+SYNCO = ("Giakoumoglou & Stathaki, SynCo: Synthetic Hard Negatives for Contrastive Visual Representation "
+         "Learning, arXiv 2410.02401")
+RING = ("Wu et al., Conditional Negative Sampling for Contrastive Learning of Visual Representations, "
+        "ICLR 2021")
 KNN_FOR_LINEAR = "kNN top-1 stands in for the paper's linear probe (--probe fast measures one)"
 
 
@@ -40,23 +42,26 @@ class Claim:
 
 IMAGENET_100, IMAGENET = ("imagenet100", "in100"), ("imagenet", "imagenet1k", "in1k", "ilsvrc2012")
 CLAIMS = (
-    Claim("mochi-in100", "MoCHi beats MoCo-v2 by +1.0 top-1 (linear) on ImageNet-100", MOCHI, "mochi", "top1", +1,
-          "ImageNet-100", IMAGENET_100, 100, baseline="moco", paper_effect="+1.0"),
-    Claim("mochi-voc", "MoCHi beats MoCo-v2 by +0.5 to +1.1 AP on PASCAL VOC detection", MOCHI, "mochi", "voc_ap",
-          +1, "ImageNet-1k -> VOC07+12", IMAGENET, 200, baseline="moco", paper_effect="+0.5 to +1.1",
+    Claim("mochi-in100", "MoCHi beats MoCo-v2 by +1.0 top-1 (linear) on ImageNet-100", MOCHI, "mochi",
+          "top1", +1, "ImageNet-100", IMAGENET_100, 100, baseline="moco", paper_effect="+1.0"),
+    Claim("mochi-voc", "MoCHi beats MoCo-v2 by +0.5 to +1.1 AP on PASCAL VOC detection", MOCHI, "mochi",
+          "voc_ap", +1, "ImageNet-1k -> VOC07+12", IMAGENET, 200, baseline="moco",
+          paper_effect="+0.5 to +1.1",
           needs="PASCAL VOC detection transfer (hnmix transfer-detect voc), which compare does not run"),
-    Claim("synco-moco", "SynCo beats MoCo-v2 by +0.4 top-1 (linear) on ImageNet-1k", SYNCO, "synco", "top1", +1,
-          "ImageNet-1k", IMAGENET, 200, baseline="moco", paper_effect="+0.4"),
-    Claim("synco-mochi", "SynCo beats MoCHi by +1.0 top-1 (linear) on ImageNet-1k", SYNCO, "synco", "top1", +1,
-          "ImageNet-1k", IMAGENET, 200, baseline="mochi", paper_effect="+1.0"),
-    Claim("ring-cifar", "Ring beats its base method by +2 to +5 points (linear) on CIFAR-10/100 and STL-10", RING,
-          "ring", "top1", +1, "CIFAR-10, CIFAR-100, STL-10", ("cifar10", "cifar100", "stl10"), None,
+    Claim("synco-moco", "SynCo beats MoCo-v2 by +0.4 top-1 (linear) on ImageNet-1k", SYNCO, "synco", "top1",
+          +1, "ImageNet-1k", IMAGENET, 200, baseline="moco", paper_effect="+0.4"),
+    Claim("synco-mochi", "SynCo beats MoCHi by +1.0 top-1 (linear) on ImageNet-1k", SYNCO, "synco", "top1",
+          +1, "ImageNet-1k", IMAGENET, 200, baseline="mochi", paper_effect="+1.0"),
+    Claim("ring-cifar", "Ring beats its base method by +2 to +5 points (linear) on CIFAR-10/100 and STL-10",
+          RING, "ring", "top1", +1, "CIFAR-10, CIFAR-100, STL-10", ("cifar10", "cifar100", "stl10"), None,
           baseline="moco", paper_effect="+2 to +5"),
-    Claim("mochi-uniformity", "MoCHi makes features more uniform than MoCo-v2 (lower uniformity loss)", MOCHI,
-          "mochi", "uniformity", -1, "ImageNet-100", IMAGENET_100, 100, baseline="moco", data_bound=False),
-    Claim("mochi-fn", "Fewer than 2 % of MoCHi's synthetic negatives are false negatives (both mixed negatives "
-          "of the query's class)", MOCHI, "mochi", "mochi_fn", -1, "ImageNet-100", IMAGENET_100, 100,
-          threshold=0.02, paper_effect="< 2 %"),  # ~1/classes^2 by chance: bound to the class count
+    Claim("mochi-uniformity", "MoCHi makes features more uniform than MoCo-v2 (lower uniformity loss)",
+          MOCHI, "mochi", "uniformity", -1, "ImageNet-100", IMAGENET_100, 100, baseline="moco",
+          data_bound=False),
+    # chance alone gives about 1/classes^2 of such mixes: a number bound to the dataset's class count
+    Claim("mochi-fn", "Fewer than 2 % of MoCHi's synthetic negatives are false negatives (both mixed "
+          "negatives of the query's class)", MOCHI, "mochi", "mochi_fn", -1, "ImageNet-100", IMAGENET_100,
+          100, threshold=0.02, paper_effect="< 2 %"),
 )
 
 
@@ -116,9 +121,11 @@ def verdict(claim: Claim, interval: Interval, metric: str, dataset: str, epochs:
     if not interval.has_interval:
         return "not tested", f"{interval.note} ({observed})", caveats
     if interval.within_noise:
-        return "not reproduced", f"within noise: {_shifted(interval, claim)} contains {reference} {seeds}", caveats
+        return "not reproduced", f"within noise: {_shifted(interval, claim)} contains {reference} {seeds}", \
+            caveats
     if interval.diff * claim.direction > 0:
-        return "reproduced", f"{observed}, {_shifted(interval, claim)} {seeds} (paper: {claim.paper_effect})", caveats
+        paper = f"(paper: {claim.paper_effect})"
+        return "reproduced", f"{observed}, {_shifted(interval, claim)} {seeds} {paper}", caveats
     return "not reproduced", f"opposite direction: {observed}, {_shifted(interval, claim)} {seeds}", caveats
 
 
@@ -133,7 +140,8 @@ def _shifted(interval: Interval, claim: Claim) -> str:
 def judge(claim: Claim, arms: list[ArmData], dataset: str, epochs: int) -> list[dict]:
     """One verdict per arm of the claim's method (with its counterpart), or one 'not tested'."""
     base = {"id": claim.id, "text": claim.text, "source": claim.source, "dataset": claim.dataset,
-            "paper_epochs": claim.paper_epochs, "arm": None, "reference": None, "interval": None, "caveats": []}
+            "paper_epochs": claim.paper_epochs, "arm": None, "reference": None, "interval": None,
+            "caveats": []}
 
     def untested(reason: str) -> list[dict]:
         return [{**base, "status": "not tested", "reason": reason}]
@@ -159,11 +167,13 @@ def judge(claim: Claim, arms: list[ArmData], dataset: str, epochs: int) -> list[
         else:
             interval = mean_interval([v - claim.threshold for v in mine_values.values()])
         status, reason, caveats = verdict(claim, interval, metric, dataset, epochs, caveats)
-        out.append({**base, "arm": arm.name, "reference": other.name if claim.baseline else f"{claim.threshold:g}",
+        reference = other.name if claim.baseline else f"{claim.threshold:g}"
+        out.append({**base, "arm": arm.name, "reference": reference,
                     "metric": metric, "interval": interval.as_dict(), "status": status, "reason": reason,
                     "caveats": caveats})
     return out
 
 
-def judge_all(arms: list[ArmData], dataset: str, epochs: int, claims: tuple[Claim, ...] = CLAIMS) -> list[dict]:
+def judge_all(arms: list[ArmData], dataset: str, epochs: int,
+              claims: tuple[Claim, ...] = CLAIMS) -> list[dict]:
     return [v for claim in claims for v in judge(claim, arms, dataset, epochs)]

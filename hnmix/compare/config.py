@@ -11,8 +11,8 @@ from hnmix.config import Settings
 
 
 class CompareConfig(Settings):
-    config: str | None = Field(None, description="YAML file of pretrain settings every run starts from (epochs, "
-                               "batch and data come from here: the same budget for every run)")
+    config: str | None = Field(None, description="YAML file of pretrain settings every run starts from "
+                               "(epochs, batch and data come from here: the same budget for every run)")
     grid: list[str] = Field(..., min_length=1, description="a setting and its comma-separated values, e.g. "
                             "method=moco,mochi or seed=0,1,2 (YAML values; repeatable, grids are crossed)")
     sets: list[str] = Field([], description="key=value applied to every run, as pretrain --set")

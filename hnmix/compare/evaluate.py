@@ -87,8 +87,9 @@ def analyze(runs: list[Run], out: Path, sets: list[str], python: str = sys.execu
         shas = {run.name: sha256_file(run.dir / "last.pt") for run in group}
         cached = _cached_results(target / "analysis.json")
         if not all(sha in cached for sha in shas.values()):
-            cmd = [python, "-m", "hnmix", "analyze", "all", "--weights", *(str(r.dir / "last.pt") for r in group),
-                   "--data", data, "--output", str(target), "--json", "--workers", str(group[0].config.workers),
+            weights = [str(r.dir / "last.pt") for r in group]
+            cmd = [python, "-m", "hnmix", "analyze", "all", "--weights", *weights, "--data", data,
+                   "--output", str(target), "--json", "--workers", str(group[0].config.workers),
                    "--device", group[0].config.device, *(x for item in sets for x in ("--set", item))]
             log = target.with_suffix(".log")
             if launch(cmd, log, what="hnmix analyze") != 0:

@@ -105,7 +105,8 @@ def parse_grid(specs: list[str], fields: list[str], sets: list[str], allow_budge
             raise HnmixError(f"--grid {key} is given twice: give all its values in one --grid {key}=a,b")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            raise HnmixError(f"--grid: unknown setting '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise HnmixError(f"--grid: unknown setting '{key}'{hint}")
         if key in RUN_KEYS:
             raise HnmixError(f"--grid {key}: compare sets each run's {key} itself (DIR/RUN_NAME)")
         if key in set_keys:
@@ -132,7 +133,8 @@ def cross(axes: list[Axis]) -> list[Point]:
     names = [p.name for p in points]
     clash = next((n for n in names if names.count(n) > 1), None)
     if clash:
-        raise HnmixError(f"two grid points share the run name '{clash}': use values that differ in letters or digits")
+        raise HnmixError(f"two grid points share the run name '{clash}': use values that differ in letters "
+                         "or digits")
     return points
 
 
@@ -151,6 +153,7 @@ def parse_baseline(text: str | None, axes: list[Axis]) -> dict[str, str]:
             raise HnmixError(f"--baseline expects key=value with a grid key other than seed "
                              f"({', '.join(a.key for a in arms) or 'none'}), got '{part}'")
         if value not in axis.texts:
-            raise HnmixError(f"--baseline {key}={value}: not one of the grid's values ({', '.join(axis.texts)})")
+            raise HnmixError(f"--baseline {key}={value}: not one of the grid's values "
+                             f"({', '.join(axis.texts)})")
         values[key] = value
     return values

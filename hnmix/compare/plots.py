@@ -49,14 +49,16 @@ def knn_by_epoch(runs: list[dict], arms: list[str], path: Path) -> Path | None:
 
 
 def alignment_uniformity(runs: list[dict], arms: list[str], path: Path) -> Path | None:
-    """One point per run, coloured by arm; a cross marks each arm's mean. Lower-left is better (Wang & Isola)."""
+    """One point per run, coloured by arm; a cross marks each arm's mean. Lower-left is better (Wang &
+    Isola: views close together, features spread over the sphere)."""
     measured = [r for r in runs if "uniformity" in r["metrics"] and "alignment" in r["metrics"]]
     if not measured:
         return None
     colours = _colours(arms)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for arm in arms:
-        points = [(r["metrics"]["uniformity"], r["metrics"]["alignment"]) for r in measured if r["arm"] == arm]
+        points = [(r["metrics"]["uniformity"], r["metrics"]["alignment"]) for r in measured
+                  if r["arm"] == arm]
         if not points:
             continue
         xs, ys = zip(*points, strict=True)

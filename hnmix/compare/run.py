@@ -14,7 +14,7 @@ from hnmix import __version__
 from hnmix.compare import evaluate, plots
 from hnmix.compare.claims import ArmData, judge_all
 from hnmix.compare.config import CompareConfig
-from hnmix.compare.grid import Point, cross, parse_baseline, parse_grid
+from hnmix.compare.grid import BUDGET_KEYS, Point, cross, parse_baseline, parse_grid
 from hnmix.compare.report import METRICS, print_console, write_files
 from hnmix.compare.runs import (
     Interrupted,
@@ -31,7 +31,9 @@ from hnmix.config import PretrainConfig
 from hnmix.core.log import eval_progress
 from hnmix.data.demo import DEMO
 
-CONTINUE = "rerun the same command to continue: finished runs are skipped, an interrupted one resumes from last.pt"
+BUDGET_SHOWN = ("epochs", "max_steps", "batch_size", "data", "arch", "image_size")
+CONTINUE = ("rerun the same command to continue: finished runs are skipped, an interrupted one resumes from "
+            "last.pt")
 
 
 def command_line(cfg: CompareConfig) -> str:
@@ -39,7 +41,8 @@ def command_line(cfg: CompareConfig) -> str:
     parts = ["hnmix", "compare"] + (["--config", cfg.config] if cfg.config else [])
     parts += [x for g in cfg.grid for x in ("--grid", g)] + [x for s in cfg.sets for x in ("--set", s)]
     parts += ["--output", cfg.output] + (["--baseline", cfg.baseline] if cfg.baseline else [])
-    parts += (["--probe", cfg.probe] if cfg.probe != "none" else []) + ([] if cfg.analyze else ["--no-analyze"])
+    parts += ["--probe", cfg.probe] if cfg.probe != "none" else []
+    parts += [] if cfg.analyze else ["--no-analyze"]
     parts += [x for s in cfg.analyze_sets for x in ("--analyze-set", s)]
     parts += ["--allow-budget-grid"] if cfg.allow_budget_grid else []
     parts += ["--dataset-name", cfg.dataset_name] if cfg.dataset_name else []
@@ -50,7 +53,10 @@ def dataset_name(cfg: CompareConfig, run: Run) -> str:
     if cfg.dataset_name:
         return cfg.dataset_name
     data = run.config.data
-    return DEMO if data == DEMO else Path(data).resolve().name
+    if data == DEMO:
+        return DEMO
+    path = Path(data).resolve()
+    return path.parent.name if path.name in ("train", "val", "test") else path.name  # imagenet100/train
 
 
 def method_of(run: Run) -> str:
@@ -109,11 +115,14 @@ def train_all(runs: list[Run], cfg: CompareConfig, console: Console) -> tuple[di
                 cmd = pretrain_command(run, cfg.config, cfg.sets)
                 start = time.perf_counter()
                 progress.update(task, info=run.name)
-                code = launch(cmd, run.dir / "pretrain.log", what=f"run {run.name}",
-                              poll=lambda run=run: progress.update(task, info=f"{run.name}: {_epoch_now(run)}"))
+                def poll(run=run):
+                    progress.update(task, info=f"{run.name}: {_epoch_now(run)}")
+
+                code = launch(cmd, run.dir / "pretrain.log", what=f"run {run.name}", poll=poll)
                 if code != 0 or not run.finished:
                     failed[run.name] = f"failed (exit {code}): {last_line(run.dir / 'pretrain.log')}"
-                    console.print("[red]" + escape(f"{tag}: {failed[run.name]}") + "[/]", highlight=False, soft_wrap=True)
+                    console.print("[red]" + escape(f"{tag}: {failed[run.name]}") + "[/]", highlight=False,
+                                  soft_wrap=True)
                     progress.advance(task)
                     continue
                 console.print(f"{tag}: done in {time.perf_counter() - start:.0f} s", highlight=False)
@@ -139,9 +148,10 @@ def print_commands(runs: list[Run], cfg: CompareConfig, console: Console) -> lis
 
 
 def run_record(run: Run, measurement: dict, analysis: dict) -> dict:
-    return {"name": run.name, "arm": run.point.arm.name, "seed": run.config.seed, "point": dict(run.point.items),
-            "method": method_of(run), "dir": str(run.dir), "knn_source": measurement["knn_source"],
-            "metrics": {**measurement["metrics"], **analysis}, "curve": measurement["curve"]}
+    return {"name": run.name, "arm": run.point.arm.name, "seed": run.config.seed,
+            "point": dict(run.point.items), "method": method_of(run), "dir": str(run.dir),
+            "knn_source": measurement["knn_source"], "metrics": {**measurement["metrics"], **analysis},
+            "curve": measurement["curve"]}
 
 
 def arms_of(records: list[dict], points: list[Point]) -> list[ArmData]:
@@ -168,8 +178,13 @@ def differences(arms: list[ArmData], baseline: dict[str, str]) -> list[dict]:
         for metric in METRICS:
             if metric.key in arm.values and metric.key in base.values:
                 interval = difference(arm.values[metric.key], base.values[metric.key])
-                out.append({"arm": arm.name, "baseline": base.name, "metric": metric.key, **interval.as_dict()})
+                out.append({"arm": arm.name, "baseline": base.name, "metric": metric.key,
+                            **interval.as_dict()})
     return out
+
+
+def missing_reason(run: Run) -> str:
+    return "unfinished (no backbone.pt)" if run.dir.exists() else "not started"
 
 
 def build_report(cfg: CompareConfig, runs: list[Run], records: list[dict], missing: list[dict],
@@ -177,10 +192,12 @@ def build_report(cfg: CompareConfig, runs: list[Run], records: list[dict], missi
     points = [run.point for run in runs]
     arms = arms_of(records, points)
     first = runs[0].config
-    budget = {k: getattr(first, k) for k in ("epochs", "max_steps", "batch_size", "data", "arch", "image_size")}
+    budget = {k: getattr(first, k) for k in BUDGET_SHOWN}
+    budget["varies"] = [axis.key for axis in axes if axis.key in BUDGET_KEYS]
     epochs = min(run.config.epochs for run in runs)
     return {
-        "command": command_line(cfg), "generated": time.strftime("%Y-%m-%d %H:%M"), "hnmix_version": __version__,
+        "command": command_line(cfg), "generated": time.strftime("%Y-%m-%d %H:%M"),
+        "hnmix_version": __version__,
         "settings": cfg.model_dump(mode="json"), "budget": budget, "dataset": dataset_name(cfg, runs[0]),
         "grid": {axis.key: list(axis.texts) for axis in axes}, "baseline": baseline, "planned": len(runs),
         "runs": records, "missing": missing,
@@ -214,13 +231,12 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
     except Interrupted as e:
         raise Interrupted(f"{e}; {CONTINUE}", e.signum) from None
     records = [run_record(r, measured[r.name], analysis.get(r.name, {})) for r in done]
-    missing = [{"name": r.name, "reason": failed.get(r.name) or ("unfinished (no backbone.pt)" if r.dir.exists()
-                                                                   else "not started")}
+    missing = [{"name": r.name, "reason": failed.get(r.name) or missing_reason(r)}
                for r in runs if r.name not in measured]
     report = build_report(cfg, runs, records, missing, baseline, axes)
     arm_names = [a["name"] for a in report["arms"]]
     figures = [plots.knn_by_epoch(records, arm_names, out / "knn_by_epoch.png"),
-               plots.alignment_uniformity(records, arm_names, out / "alignment_uniformity.png")] if records else []
+               plots.alignment_uniformity(records, arm_names, out / "alignment_uniformity.png")]
     report["plots"] = [str(p) for p in figures if p]
     write_files(report, out, cfg.results_doc)
     print_console(report, console)

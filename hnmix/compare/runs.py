@@ -23,8 +23,8 @@ from hnmix.config import PretrainConfig, load_config
 from hnmix.errors import HnmixError
 
 # settings that do not change what a run learns: a run made with other values still counts as the same run
-NOT_RESULTS = ("output", "resume", "workers", "save_every", "keep_every", "log_every", "data_on_gpu", "compile",
-               "device")
+NOT_RESULTS = ("output", "resume", "workers", "save_every", "keep_every", "log_every", "data_on_gpu",
+               "compile", "device")
 SIGNAL_NAMES = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
 
 
@@ -50,7 +50,8 @@ class Run:
 
 
 def plan_runs(points: list[Point], output: Path, base_config: str | None, sets: list[str]) -> list[Run]:
-    """Every run's settings, resolved exactly as `hnmix pretrain` will: errors surface before any run starts."""
+    """Every run's settings, resolved exactly as `hnmix pretrain` will: errors surface before any run
+    starts."""
     runs = []
     for point in points:
         run_dir = output / point.name
@@ -77,11 +78,12 @@ def check_drift(runs: list[Run]) -> None:
     for run in runs:
         drift = config_drift(run)
         if drift:
-            raise HnmixError(f"{run.dir} was made with other settings ({'; '.join(drift[:3])}): the report would "
-                             f"mix two experiments; delete it or choose another --output")
+            raise HnmixError(f"{run.dir} was made with other settings ({'; '.join(drift[:3])}): the report "
+                             f"would mix two experiments; delete it or choose another --output")
 
 
-def pretrain_command(run: Run, base_config: str | None, sets: list[str], python: str = sys.executable) -> list[str]:
+def pretrain_command(run: Run, base_config: str | None, sets: list[str],
+                     python: str = sys.executable) -> list[str]:
     """`python -m hnmix pretrain ...` with every setting as --set key=value: no flag such as --s, which
     torchrun's own parser would claim, so `torchrun --nproc_per_node=N -m hnmix ...` takes the same line."""
     cmd = [python, "-m", "hnmix", "pretrain"]
@@ -167,5 +169,6 @@ def launch(cmd: list[str], log: Path, poll: Callable[[], None] | None = None, wh
 
 
 def last_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no output"

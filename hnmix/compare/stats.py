@@ -121,7 +121,8 @@ class Interval:
 
     def as_dict(self) -> dict:
         return {"diff": self.diff, "low": self.low, "high": self.high, "kind": self.kind, "n": self.n,
-                "df": self.df, "within_noise": self.within_noise if self.has_interval else None, "note": self.note}
+                "df": self.df, "within_noise": self.within_noise if self.has_interval else None,
+                "note": self.note}
 
 
 def _t_interval(centre: float, se: float, df: float, kind: str, n: int, level: float) -> Interval:
