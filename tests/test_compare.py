@@ -343,6 +343,22 @@ def test_interrupted_grid_says_how_to_continue(runner, tmp_path, demo_base, monk
            "skipped, an interrupted one resumes from last.pt" in " ".join(result.output.split())
 
 
+def test_failed_runs_are_reported_and_the_command_fails(runner, tmp_path, demo_base, monkeypatch):
+    def fails(cmd, log, poll=None, what=""):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("error: non-finite loss at step 3\n")
+        return 2
+
+    monkeypatch.setattr("hnmix.compare.run.launch", fails)
+    out = tmp_path / "c"
+    result = runner.invoke(app, ["compare", "--config", str(demo_base), "--grid", "lr=0.03,30", "-o", str(out)])
+    assert_clean_error(result, "2 of 2 runs failed (lr-0.03, lr-30): see their pretrain.log")
+    report = json.loads((out / "compare.json").read_text())
+    assert report["runs"] == [] and report["missing"][1] == {
+        "name": "lr-30", "reason": "failed (exit 2): error: non-finite loss at step 3"}
+    assert "- `lr-30`: failed (exit 2): error: non-finite loss at step 3" in (out / "compare.md").read_text()
+
+
 def test_pretrain_command_resumes_only_unfinished_runs(tmp_path, demo_base):
     (run,) = plan_runs(cross(parse_grid(["seed=3"], FIELDS, [], False)), tmp_path, str(demo_base), ["lr=0.1"])
     assert pretrain_command(run, str(demo_base), ["lr=0.1"], python="py") == [
