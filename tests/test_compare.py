@@ -502,7 +502,7 @@ def test_interrupted_run_resumes_and_ends_as_if_never_stopped(grid, tmp_path):
 
 
 @pytest.mark.slow
-def test_without_monitor_knn_comes_from_lineval_and_agrees(grid, tmp_path):
+def test_without_monitor_knn_comes_from_lineval_and_agrees_and_the_probe_runs(grid, tmp_path):
     root, base, _, _ = grid
     out = copy_grid(grid, tmp_path)
     points = cross(parse_grid(["method=moco,mochi", "seed=0,1"], FIELDS, [], False))
@@ -514,5 +514,9 @@ def test_without_monitor_knn_comes_from_lineval_and_agrees(grid, tmp_path):
     knn = evaluate.final_knn(run, without)
     assert knn["source"] == "lineval knn" and (run.dir / "lineval-knn" / "lineval.json").is_file()
     assert (knn["top1"], knn["top5"]) == pytest.approx((monitor["top1"], monitor["top5"]))  # same protocol
+    probe = evaluate.lineval(run, "fast")  # --probe fast: its own directory beside the kNN one
+    assert probe["source"] == "lineval fast" and 0 <= probe["top1"] <= 100
+    assert json.loads((run.dir / "lineval-fast" / "lineval.json").read_text())["protocol"] == "fast"
     launches = (run.dir / "eval.log").read_text().count("$ ")
-    assert evaluate.final_knn(run, without) == knn and (run.dir / "eval.log").read_text().count("$ ") == launches
+    assert evaluate.final_knn(run, without) == knn and evaluate.lineval(run, "fast") == probe
+    assert (run.dir / "eval.log").read_text().count("$ ") == launches, "cached: nothing launched again"
