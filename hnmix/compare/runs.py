@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +123,9 @@ def _raise_signal(signum, _frame):
 @contextlib.contextmanager
 def catch_signals():
     """SIGINT and SIGTERM become _Signal while a child runs, so compare can pass them on and wait."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
     previous = {sig: signal.signal(sig, _raise_signal) for sig in SIGNAL_NAMES}
     try:
         yield
