@@ -47,6 +47,7 @@ def command_line(cfg: CompareConfig) -> str:
     parts += [x for s in cfg.analyze_sets for x in ("--analyze-set", s)]
     parts += ["--allow-budget-grid"] if cfg.allow_budget_grid else []
     parts += ["--dataset-name", cfg.dataset_name] if cfg.dataset_name else []
+    parts += ["--results-doc", cfg.results_doc] if cfg.results_doc else []
     return shlex.join(parts)
 
 
