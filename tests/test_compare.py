@@ -282,6 +282,14 @@ def test_dry_run_prints_runnable_torchrun_ready_commands(runner, tmp_path, demo_
         assert (parsed.training_script, parsed.training_script_args) == ("hnmix", words[3:])
 
 
+def test_every_setting_is_a_described_flag(runner):
+    text = " ".join(runner.invoke(app, ["compare", "--help"], env={"COLUMNS": "300"}).output.split())
+    flags = {"sets": "--set", "analyze_sets": "--analyze-set"}
+    for name, field in CompareConfig.model_fields.items():
+        assert field.description and field.description[:40] in text, name
+        assert flags.get(name, "--" + name.replace("_", "-")) in text, name
+
+
 def test_run_settings_are_checked_before_anything_starts(runner, tmp_path, demo_base):
     result = runner.invoke(app, ["compare", "--config", str(demo_base), "--grid", "method=moco,mocho",
                                  "-o", str(tmp_path / "c"), "--dry-run"])
