@@ -11,6 +11,7 @@ import typer
 
 from hnmix.analyze.config import AnalyzeConfig
 from hnmix.cliopts import settings_command, user_errors
+from hnmix.compare.config import CompareConfig
 from hnmix.config import BenchConfig, PretrainConfig
 from hnmix.detection.config import ConvertConfig, TransferDetectConfig  # pydantic only: no detectron2 import
 from hnmix.eval.config import LinevalConfig
@@ -75,6 +76,12 @@ def run_transfer_detect(cfg) -> None:
     transfer_detect(cfg)
 
 
+def run_compare(cfg) -> None:
+    from hnmix.compare import run_compare as compare
+
+    compare(cfg)
+
+
 def run_bench(cfg, as_json: bool = False) -> None:
     from hnmix.bench import bench
 
@@ -125,6 +132,12 @@ def build_app(pretrain_config=PretrainConfig, bench_config=BenchConfig) -> typer
         "method, precision, data source), excludes the warm-up and synchronises the device; every pretrain "
         "option applies.\n\n"
         "Example: hnmix bench --arch resnet18 --cifar-stem --image-size 32 --batch-size 512 --method mochi"))
+
+    settings_command(app, CompareConfig, run_compare, name="compare", config_file=False, help=(
+        "Compare methods at equal budget: one pretrain run per grid point, mean +- std over seeds, differences "
+        "to a baseline with 95 % confidence intervals, and the papers' claims marked reproduced or not. Here "
+        "--config is the base pretrain YAML of every run and --set applies to every run. docs/compare.md.\n\n"
+        "Example: hnmix compare --config examples/demo.yaml --grid method=moco,mochi --grid seed=0,1,2 -o runs/cmp"))
 
     @app.command(context_settings=HELP_WIDTH)
     def doctor() -> None:

@@ -140,7 +140,7 @@ def _default_text(field_info) -> str:
         return f"{v:.6g}" if isinstance(v, float) else str(v)
 
     if isinstance(default, list | tuple):
-        return f" [default: {','.join(map(text, default))}]"
+        return f" [default: {','.join(map(text, default))}]" if default else ""
     if isinstance(default, float):
         default = text(default)
     return f" [default: {str(default).lower() if isinstance(default, bool) else default}]"
@@ -189,13 +189,16 @@ def option_parameter(flag: Flag) -> inspect.Parameter:
     kwargs: dict[str, Any] = dict(help=help_text, show_default=False, rich_help_panel=flag.panel)
     decls = list(flag.decls)
     if tp is bool:
-        if "/" not in decls[0]:
-            decls[0] = f"{decls[0]}/--no-{decls[0].lstrip('-')}"
+        if "/" not in decls[0] and not (extra["flags"] and f.default is False):  # a declared off-by-default
+            decls[0] = f"{decls[0]}/--no-{decls[0].lstrip('-')}"                   # flag stays a plain switch
         annotation = bool | None
     elif typing.get_origin(tp) is Literal:  # pydantic checks the choice: its error names the flag, in one line
         annotation = str | None
         kwargs["metavar"] = extra["metavar"] or "<" + "|".join(map(str, typing.get_args(tp))) + ">"
-    elif _is_sequence(tp):
+    elif _is_sequence(tp) and typing.get_args(tp)[:1] == (str,):  # paths, KEY=VALUE pairs: repeat the flag
+        annotation = list[str] | None
+        kwargs["metavar"] = extra["metavar"] or "TEXT"
+    elif _is_sequence(tp):  # numbers: comma-separated
         annotation = str | None
         item = typing.get_args(tp)[0] if typing.get_args(tp) else str
         kwargs["metavar"] = extra["metavar"] or f"{getattr(item, '__name__', 'X').upper()},..."
@@ -229,6 +232,8 @@ def typed_flag(flag: Flag, raw_args: list[str]) -> str:
 
 def parse_value(flag: Flag, value):
     tp, _ = _base_type(flag.field.annotation)
+    if isinstance(value, list | tuple) and not value:
+        return None  # a repeatable flag not given
     if _is_sequence(tp) and isinstance(value, str):
         return [v.strip() for v in value.replace(" ", ",").split(",") if v.strip()]
     return value
@@ -246,7 +251,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
 def settings_command(app: typer.Typer, cls, run: Callable[..., Any], *, name: str, help: str,
                      extra: dict[str, tuple[Any, Any]] | None = None, config_file: bool = True) -> None:
     """Add `name` to app: options from cls (+ `extra` params: name -> (annotation, default), passed to run
-    as keywords), then `run(settings, **extra_values)`; errors end in one line."""
+    as keywords), then `run(settings, **extra_values)`; errors end in one line. With config_file=False the
+    command has no --config/--set of its own (a model may then declare those flags for other meanings)."""
     flags = collect_flags(cls)
     arguments = {p[-1]: f for p, f in known_paths(cls).items() if field_extra(f)["argument"]}
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
@@ -257,7 +263,7 @@ def settings_command(app: typer.Typer, cls, run: Callable[..., Any], *, name: st
                for k, (a, d) in extra.items()]
     if config_file:
         params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt))
-    params.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SetOpt))
+        params.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SetOpt))
 
     def command(ctx: typer.Context, **kwargs):
         raw = ctx.meta.get("hnmix_args", [])
@@ -266,10 +272,10 @@ def settings_command(app: typer.Typer, cls, run: Callable[..., Any], *, name: st
             if kwargs.get(arg_name) is not None:
                 given[(arg_name,)] = (arg_name, kwargs[arg_name])
         for flag in flags:
-            value = kwargs.get(flag.name)
+            value = parse_value(flag, kwargs.get(flag.name))
             if value is not None:
                 for path in flag.paths:
-                    given[path] = (typed_flag(flag, raw), parse_value(flag, value))
+                    given[path] = (typed_flag(flag, raw), value)
         with user_errors():
             settings = load_settings(cls, kwargs.get("config"), given, kwargs.get("set_"))
             return run(settings, **{k: kwargs[k] for k in extra})
@@ -286,7 +292,8 @@ def flags_of(cls) -> set[str]:
     for flag in collect_flags(cls):
         for d in flag.decls:
             out.update(s for s in d.split("/") if s.startswith("-"))
-            if "/" not in d and field_extra(flag.field) and _base_type(flag.field.annotation)[0] is bool:
+            if "/" not in d and _base_type(flag.field.annotation)[0] is bool and not (
+                    field_extra(flag.field)["flags"] and flag.field.default is False):
                 out.add(f"--no-{d.lstrip('-')}")
     return out
 

@@ -102,6 +102,14 @@ def dotted(path: tuple[str, ...]) -> str:
     return ".".join(path)
 
 
+def setting_names(cls: type[BaseModel]) -> list[str]:
+    """Every name `--set` accepts: dotted paths (`mochi.s`), whole sections (`augment`), older names."""
+    paths = list(known_paths(cls))
+    sections = {p[:i] for p in paths for i in range(1, len(p))}
+    old = list(cls.renamed()) if hasattr(cls, "renamed") else []
+    return [dotted(p) for p in [*paths, *sorted(sections), *old]]
+
+
 def check_keys(cls: type[BaseModel], values: dict[tuple[str, ...], Any], origin: str) -> None:
     paths = known_paths(cls)
     names = [dotted(p) for p in paths]
