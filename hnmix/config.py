@@ -52,6 +52,9 @@ class PretrainBase(Settings):
                               panel=MODEL)
     momentum: float = setting(0.999, "key-encoder EMA momentum m", ge=0, le=1, panel=MODEL)
     temperature: float = setting(0.2, "softmax temperature T", gt=0, panel=MODEL)
+    symmetric: bool = setting(False, "symmetric loss: each view is also the query of the other's key, both keys "
+                              "are enqueued (MoCo's CIFAR-10 demo, lightly); twice the encoder passes per step",
+                              panel=MODEL)
     bn: str = setting("auto", "batch-norm mode: shuffle (DDP, as MoCo), split:G (G sub-batches on one device, "
                       "emulates shuffle BN), sync, plain; auto = shuffle with several ranks, with one split:G, G "
                       "<= 8 sub-batches of >= 32", metavar="MODE", panel=MODEL)
@@ -136,9 +139,10 @@ class PretrainBase(Settings):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.queue_size % self.batch_size:
+        keys = self.batch_size * (2 if self.symmetric else 1)  # keys enqueued per step
+        if self.queue_size % keys:
             raise ValueError(f"--queue-size K={self.queue_size} must be a multiple of the global batch size "
-                             f"{self.batch_size} (--batch-size)")
+                             f"{self.batch_size} (--batch-size)" + (", twice it with --symmetric" if self.symmetric else ""))
         if self.bn.startswith("split:") and self.batch_size % int(self.bn[6:]):
             raise ValueError(f"--batch-size {self.batch_size} does not split into {self.bn[6:]} BN groups")
         if (options := self.method_settings) is not None:

@@ -28,8 +28,8 @@ from hnmix.compare.runs import (
 )
 from hnmix.compare.stats import difference, summary
 from hnmix.config import PretrainConfig
-from hnmix.core.settings import setting_names
 from hnmix.core.log import eval_progress
+from hnmix.core.settings import setting_names
 from hnmix.data.demo import DEMO
 from hnmix.errors import HnmixError
 

@@ -64,9 +64,9 @@ STAT_NAMES = ("acc", "logit_pos", "logit_neg", "logit_syn", "neg_kept")
 
 class MoCo(nn.Module):
     def __init__(self, backbone: nn.Module, *, dim: int = 128, K: int = 65536, m: float = 0.999,
-                 T: float = 0.2, mlp: bool = True, shuffle_keys: bool = True):
+                 T: float = 0.2, mlp: bool = True, shuffle_keys: bool = True, symmetric: bool = False):
         super().__init__()
-        self.K, self.m, self.T, self.shuffle_keys = K, m, T, shuffle_keys
+        self.K, self.m, self.T, self.shuffle_keys, self.symmetric = K, m, T, shuffle_keys, symmetric
         self.encoder_q = Encoder(backbone, dim, mlp)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
@@ -111,13 +111,35 @@ class MoCo(nn.Module):
                 labels: torch.Tensor | None = None, oracle: bool = False,
                 shuffle_generator: torch.Generator | None = None) -> MocoOutput:
         """labels (B,) (-1 = unknown) are queued beside the keys; with oracle=True, queue entries of the
-        query's own class leave its loss and are not used to synthesise negatives."""
+        query's own class leave its loss and are not used to synthesise negatives.
+
+        Symmetric: both views are queries against the other's key (two query and two key passes, the same
+        queue for both), the loss is the mean of the two directions, and both batches of keys are enqueued
+        (first view's, then second's), as MoCo's CIFAR-10 demo and lightly do; logits are the first
+        direction's."""
         # normalised in fp32: CPU autocast would do it in bf16 (unit norms off by ~0.3 %) and enqueue that
         q = F.normalize(self.encoder_q(im_q).float(), dim=1)
+        q2 = F.normalize(self.encoder_q(im_k).float(), dim=1) if self.symmetric else None
         with torch.no_grad():
             self.momentum_update()
             k, k_all = self.encode_keys(im_k, shuffle_generator)
+            if self.symmetric:
+                k1, k1_all = self.encode_keys(im_q, shuffle_generator)
         queue = self.queue.clone()  # the in-place enqueue below must not touch what autograd saved
+        logits, loss, stats = self.contrast(q, k, queue, hard_negatives, labels, oracle)
+        labels_all = all_gather(labels) if labels is not None else None
+        if self.symmetric:
+            _, loss2, stats2 = self.contrast(q2, k1, queue, hard_negatives, labels, oracle)
+            loss, stats = (loss + loss2) / 2, (stats + stats2) / 2
+            k_all = torch.cat([k1_all, k_all])
+            labels_all = None if labels_all is None else labels_all.repeat(2)
+        self.enqueue(k_all, labels_all)
+        return MocoOutput(logits, loss, stats)
+
+    def contrast(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, hard_negatives: HardNegatives | None,
+                 labels: torch.Tensor | None, oracle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, InfoNCE loss, stats) of unit queries q against their keys k and the queue's negatives
+        (plus the method's synthetic ones, minus the entries it or the oracle masks)."""
         with torch.autocast(q.device.type, enabled=False):  # logits and loss in fp32 whatever the autocast
             q32 = q.float()
             l_pos = (q32 * k.float()).sum(1, keepdim=True)
@@ -138,5 +160,4 @@ class MoCo(nn.Module):
             syn = finite_mean(parts[2]) if len(parts) > 2 else torch.full_like(acc, float("nan"))
             kept = keep.float().mean() if keep is not None else torch.ones_like(acc)
             stats = torch.stack([acc, l_pos.mean(), l_neg.mean(), syn, kept])
-        self.enqueue(k_all, all_gather(labels) if labels is not None else None)
-        return MocoOutput(logits, loss, stats)
+        return logits, loss, stats

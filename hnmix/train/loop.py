@@ -75,7 +75,7 @@ def build_model(cfg, bn_mode: str, splits: int, world: int, console: Console) ->
         if other:
             console.print(f"[yellow]warning:[/] {other} non-plain batch-norm layers are not split")
     model = MoCo(backbone, dim=cfg.dim, K=cfg.queue_size, m=cfg.momentum, T=cfg.temperature, mlp=cfg.mlp,
-                 shuffle_keys=bn_mode == "shuffle" or splits > 1)
+                 shuffle_keys=bn_mode == "shuffle" or splits > 1, symmetric=cfg.symmetric)
     if bn_mode == "sync" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -192,8 +192,8 @@ def describe(cfg, trainer: Trainer, data: TrainingData, sampler: RunBatches, hoo
                f"{'cosine' if cfg.cos else f'steps at {cfg.schedule}'}, wd {cfg.wd}"),
         ("steps", f"{sampler.steps_per_epoch}/epoch, {sampler.total} in all"
                   f" ({cfg.epochs} epochs{f', capped by --max-steps {cfg.max_steps}' if cfg.max_steps else ''})"),
-        ("queue", f"K={cfg.queue_size}, filled after {cfg.queue_size // cfg.batch_size} steps; "
-                  f"m={cfg.momentum}, T={cfg.temperature}"),
+        ("queue", f"K={cfg.queue_size}, filled after {cfg.queue_size // cfg.batch_size // (1 + cfg.symmetric)} "
+                  f"steps; m={cfg.momentum}, T={cfg.temperature}" + (", symmetric loss" if cfg.symmetric else "")),
         *[row for hook in hooks for row in getattr(hook, "header_rows", lambda: [])()],
         ("output", str(out)),
     ]
