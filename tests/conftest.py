@@ -35,6 +35,13 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    # decoded datasets and PIL's colour tables go to a cache of this test session, not the user's
+    if "HNMIX_CACHE_DIR" not in os.environ:
+        os.environ["HNMIX_CACHE_DIR"] = str(tmp_path_factory.mktemp("hnmix-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _few_threads(monkeypatch):
     # tests run several processes on small CI machines: avoid oversubscribing the cores

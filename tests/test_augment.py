@@ -168,3 +168,21 @@ def test_transforms_draw_from_the_generator_or_the_global_rng():
     first = transform(img)
     torch.manual_seed(5)
     assert torch.equal(transform(img), first) and first.shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("factor", [-0.5, -0.1, -0.003, 0.0, 0.002, 0.05, 0.1, 0.5])
+def test_hue_through_the_lookup_table_is_torchvisions(factor):
+    rng = np.random.default_rng(int(factor * 1000) % 97)
+    img = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(A.adjust_hue(img, factor)), np.asarray(TF.adjust_hue(img, factor)))
+    gray = img.convert("L")
+    assert A.adjust_hue(gray, factor) is gray
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.37, 0.6, 0.999, 1.0, 1.13, 1.4, 2.7])
+def test_brightness_and_contrast_through_lookup_tables_are_torchvisions(factor):
+    rng = np.random.default_rng(int(factor * 100))
+    for img in (Image.fromarray(rng.integers(0, 256, (29, 41, 3), dtype=np.uint8)),
+                Image.fromarray(rng.integers(0, 256, (29, 41), dtype=np.uint8))):
+        for ours, theirs in ((A.adjust_brightness, TF.adjust_brightness), (A.adjust_contrast, TF.adjust_contrast)):
+            assert np.array_equal(np.asarray(ours(img, factor)), np.asarray(theirs(img, factor))), ours.__name__

@@ -15,14 +15,16 @@ scaling, `Image.draft`), which leaves the crop distribution unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps, ImageStat
 
 from hnmix.data.augment_settings import (
     IMAGENET_MEAN,
@@ -118,8 +120,77 @@ def crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int, sca
     return img.crop(box).resize((size, size), Image.Resampling.BILINEAR)
 
 
-# torchvision's PIL kernels (ImageEnhance blends; hue through PIL's uint8 HSV), as official MoCo's ColorJitter
-JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+def _all_colours(slowest_first: tuple[int, int, int]) -> np.ndarray:
+    """Every 24-bit colour once, as a 4096 x 4096 x 3 image; channel slowest_first[k] varies along axis k."""
+    colours = np.empty((256, 256, 256, 3), np.uint8)
+    for axis, channel in enumerate(slowest_first):
+        shape = [1, 1, 1]
+        shape[axis] = 256
+        colours[..., channel] = np.arange(256, dtype=np.uint8).reshape(shape)
+    return colours.reshape(4096, 4096, 3)
+
+
+def _pack(pixels: np.ndarray, shifts: tuple[int, int, int]) -> np.ndarray:
+    return sum(pixels[:, c].astype(np.uint32) << s for c, s in enumerate(shifts)).astype(np.uint32)
+
+
+@functools.cache
+def hue_tables() -> tuple[np.ndarray, np.ndarray]:
+    """PIL's own RGB <-> HSV conversions of every colour, as lookup tables of packed uint32 (64 MiB each):
+    rgb_to_hsv[r | g << 8 | b << 16] = h << 16 | s << 8 | v and hsv_to_rgb[h << 16 | s << 8 | v] = r | g << 8 |
+    b << 16. Built once (a few seconds) into the decoded-data cache directory, then memory-mapped: every
+    process, loader workers included, shares the same pages."""
+    from hnmix.data.gpu_data import cache_dir
+
+    paths = [cache_dir() / f"pil-{name}-{Image.__version__}.npy" for name in ("rgb2hsv", "hsv2rgb")]
+    if not all(p.is_file() for p in paths):
+        hsv = np.asarray(Image.fromarray(_all_colours((2, 1, 0)), "RGB").convert("HSV")).reshape(-1, 3)
+        rgb = np.asarray(Image.fromarray(_all_colours((0, 1, 2)), "HSV").convert("RGB")).reshape(-1, 3)
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for path, table in zip(paths, (_pack(hsv, (16, 8, 0)), _pack(rgb, (0, 8, 16))), strict=True):
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, table)
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the whole table or none
+    rgb_to_hsv, hsv_to_rgb = (np.load(p, mmap_mode="r") for p in paths)
+    return rgb_to_hsv, hsv_to_rgb
+
+
+def adjust_hue(img: Image.Image, factor: float) -> Image.Image:
+    """torchvision's PIL adjust_hue, pixel for pixel (PIL's uint8 HSV, the hue shifted with wrap-around, back
+    to RGB), its two slow PIL conversions replaced by lookups in tables of those very conversions."""
+    if img.mode != "RGB":
+        return img
+    rgb_to_hsv, hsv_to_rgb = hue_tables()
+    shift = np.uint32(np.int32(factor * 255).astype(np.uint8)) << 16  # as torchvision: the uint8 wraps around
+    hsv = np.take(rgb_to_hsv, np.frombuffer(img.tobytes("raw", "RGBX"), np.uint32) & 0xFFFFFF)
+    hsv += shift
+    hsv &= 0xFFFFFF
+    return Image.frombuffer("RGBX", img.size, np.take(hsv_to_rgb, hsv), "raw", "RGBX", 0, 1).convert("RGB")
+
+
+def _blend_lut(base: int, factor: float) -> list[int]:
+    """Image.blend(constant base, img, factor) of every level, as Pillow computes it: in float32, clipped, cut
+    towards zero (Blend.c)."""
+    levels = np.arange(256, dtype=np.float32)
+    out = np.float32(base) + np.float32(factor) * (levels - np.float32(base))
+    return np.clip(np.trunc(out), 0, 255).astype(np.uint8).tolist()
+
+
+def adjust_brightness(img: Image.Image, factor: float) -> Image.Image:
+    """torchvision's PIL adjust_brightness (ImageEnhance.Brightness: a blend with black), as a lookup table."""
+    return img.point(_blend_lut(0, factor) * len(img.getbands()))
+
+
+def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
+    """torchvision's PIL adjust_contrast (ImageEnhance.Contrast: a blend with the rounded mean gray level),
+    as a lookup table."""
+    mean = int(ImageStat.Stat(img if img.mode == "L" else img.convert("L")).mean[0] + 0.5)
+    return img.point(_blend_lut(mean, factor) * len(img.getbands()))
+
+
+# torchvision's PIL kernels (ImageEnhance blends; hue through PIL's uint8 HSV), as official MoCo's ColorJitter:
+# the same pixels, faster where a lookup table can do it
+JITTER_OPS = (adjust_brightness, adjust_contrast, TF.adjust_saturation, adjust_hue)
 
 
 def jitter(img: Image.Image, ops: list[tuple[int, float]]) -> Image.Image:

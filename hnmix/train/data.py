@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from hnmix.core import dist
+from hnmix.data.augment import hue_tables
 from hnmix.data.feed import LoaderBatches, choose_pipeline
 from hnmix.data.gpu_data import device_batches
 from hnmix.data.gpu_decode import WORKERS as DECODE_WORKERS
@@ -80,6 +81,8 @@ class TrainingData:
                                    cfg.skip_corrupt, workers=workers, worker_init_fn=ignore_sigint_in_worker,
                                    compile_augment=cfg.compile, augment=cfg.augment)
             return source, f"{workers} workers read bytes, {info.device.type} decodes and augments each batch"
+        if any(view.hue > 0 and view.jitter_p > 0 for view in cfg.augment.views()):
+            hue_tables()  # opened here, before the workers fork, so that they share it
         source = LoaderBatches(self.dataset, info.device, self.workers, cfg.channels_last, ignore_sigint_in_worker)
         return source, f"{source.workers} DataLoader workers, PIL augmentations"
 
