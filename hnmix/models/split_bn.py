@@ -1,0 +1,144 @@
+"""Split batch norm: batch norm over G contiguous sub-batches, each normalised with its own statistics.
+
+Sub-batch g holds samples [g*n/G, (g+1)*n/G): what rank g of a G-process DDP run normalises, so with the
+key shuffle it reproduces MoCo's shuffle BN on one device. Running statistics are the mean over sub-batches
+of each one's EMA update (what each rank's nn.BatchNorm2d would hold, averaged).
+
+Two forms of the same computation, both in the input's memory format (channels-last stays channels-last):
+
+- eager, `split_batch_norm`: the framework's own batch-norm kernels once per sub-batch, forward and
+  backward. A batch slice of a dense tensor is dense in the same memory format, so each kernel reads its
+  sub-batch in place and the forward writes straight into its rows of one output tensor: the memory traffic
+  of plain BN, G launches instead of one (the backward adds one copy of its sub-batch gradient, as the
+  kernel allocates its own result).
+- compiled, `grouped_batch_norm`: statistics on the free batch-dim view (G, n/G, C, H, W) and one
+  normalisation expression, which torch.compile fuses into a reduction and a pointwise kernel (it cannot
+  trace the per-sub-batch kernels' out= writes without breaking the graph at every layer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hnmix.errors import HnmixError
+
+native_batch_norm = torch.ops.aten.native_batch_norm
+native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def statistics_dtype(x: torch.Tensor, param: torch.Tensor | None) -> torch.dtype:
+    """The dtype the native kernels keep batch statistics in: the accumulation type on GPUs; on the CPU the
+    parameters' dtype (fp32 statistics for a bf16 input with fp32 weights), else the input's."""
+    if x.dtype == torch.float64:
+        return torch.float64
+    if x.device.type != "cpu":
+        return torch.float32
+    return param.dtype if param is not None else x.dtype
+
+
+def per_chunk_forward(x, weight, bias, running_mean, running_var, groups: int, momentum: float, eps: float):
+    """(output, saved (2G, C) rows: the sub-batches' means, then their inverse stds); running stats updated
+    in place. Host work: a handful of calls plus one kernel call per sub-batch."""
+    c = x.shape[1]
+    out = torch.empty_like(x)  # preserve_format: x's memory format
+    saved = torch.empty(2 * groups, c, dtype=statistics_dtype(x, weight if weight is not None else running_mean),
+                        device=x.device)
+    saved_rows = saved.unbind(0)
+    tracked = running_mean is not None
+    if tracked:  # each sub-batch updates its own copy of the running stats, inside the kernel
+        running = torch.cat([running_mean.expand(groups, c), running_var.expand(groups, c)])
+        running_rows = running.unbind(0)
+    else:
+        running_rows = [None] * (2 * groups)
+    for g, (x_g, out_g) in enumerate(zip(x.chunk(groups), out.chunk(groups), strict=True)):
+        torch.native_batch_norm(x_g, weight, bias, running_rows[g], running_rows[groups + g], True, momentum, eps,
+                                out=(out_g, saved_rows[g], saved_rows[groups + g]))
+    if tracked:
+        mean_of_rows = running.view(2, groups, c).mean(1)
+        torch._foreach_copy_([running_mean, running_var], [mean_of_rows[0], mean_of_rows[1]])
+    return out, saved
+
+
+class _SplitBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, groups, momentum, eps):
+        out, saved = per_chunk_forward(x, weight, bias, running_mean, running_var, groups, momentum, eps)
+        ctx.save_for_backward(x, weight, saved)
+        ctx.groups, ctx.eps = groups, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, saved = ctx.saved_tensors
+        groups = ctx.groups
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                weight is not None and ctx.needs_input_grad[2]]
+        saved_rows = saved.unbind(0)
+        grads = [native_batch_norm_backward(dy_g, x_g, weight, None, None, saved_rows[g], saved_rows[groups + g],
+                                            True, ctx.eps, mask)
+                 for g, (dy_g, x_g) in enumerate(zip(grad_out.chunk(groups), x.chunk(groups), strict=True))]
+        dx, dw, db = zip(*grads, strict=True)
+        # one concatenation (one kernel) assembles the input gradient, in the sub-batch results' memory format
+        grad_in = torch.cat(dx) if mask[0] else None
+        grad_w = torch.stack(dw).sum(0) if mask[1] else None
+        grad_b = torch.stack(db).sum(0) if mask[2] else None
+        return grad_in, grad_w, grad_b, None, None, None, None, None
+
+
+def split_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, groups: int,
+                     momentum: float, eps: float) -> torch.Tensor:
+    """Training-mode batch norm of each of `groups` equal sub-batches, in x's memory format (eager form)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return _SplitBatchNorm.apply(x, weight, bias, running_mean, running_var, groups, momentum, eps)
+    return per_chunk_forward(x, weight, bias, running_mean, running_var, groups, momentum, eps)[0]
+
+
+def grouped_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       running_mean: torch.Tensor | None, running_var: torch.Tensor | None, groups: int,
+                       momentum: float, eps: float) -> torch.Tensor:
+    """The same as split_batch_norm in differentiable elementwise ops (the torch.compile form): fp32
+    statistics per (sub-batch, channel) on the batch-dim view, then one affine map per element."""
+    n, c = x.shape[:2]
+    xg = x.unflatten(0, (groups, n // groups))  # (G, n/G, C, ...): a view in either memory format
+    dims = [1, *range(3, xg.dim())]
+    var, mean = torch.var_mean(xg.float(), dims, correction=0, keepdim=True)
+    scale = torch.rsqrt(var + eps)
+    shift = -mean * scale
+    if weight is not None:
+        w = weight.view(1, 1, c, *[1] * (xg.dim() - 3))
+        scale, shift = scale * w, shift * w + bias.view_as(w)
+    out = (xg * scale + shift).to(x.dtype).flatten(0, 1)
+    if running_mean is not None:
+        with torch.no_grad():
+            count = xg[0, :, 0].numel()
+            running_mean.lerp_(mean.flatten(1).mean(0).to(running_mean.dtype), momentum)
+            unbiased = var.flatten(1).mean(0) * (count / max(count - 1, 1))  # BatchNorm's running var
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    return out
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training mode normalises `num_splits` contiguous sub-batches separately; eval
+    mode is plain BN on the running statistics. State-dict keys are those of nn.BatchNorm2d."""
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.num_splits
+        if not self.training or g == 1:
+            return super().forward(x)
+        if x.shape[0] % g:
+            raise HnmixError(f"split batch norm: batch of {x.shape[0]} does not split into {g} equal parts")
+        momentum = self.momentum if self.momentum is not None else 0.0
+        if self.track_running_stats and self.num_batches_tracked is not None:  # as nn.BatchNorm2d
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        tracked = self.track_running_stats
+        form = grouped_batch_norm if torch.compiler.is_compiling() else split_batch_norm
+        return form(x, self.weight, self.bias, self.running_mean if tracked else None,
+                    self.running_var if tracked else None, g, momentum, self.eps)
