@@ -14,13 +14,15 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from hnmix.bench.bare import bare_step_timer, synthetic_views
+from hnmix.bench.profile import profile_step, profile_table
 from hnmix.config import SYNTHETIC, BenchConfig
 from hnmix.errors import HnmixError
 
@@ -41,26 +43,28 @@ def _sync(device: torch.device) -> None:
 
 
 def synthetic_batches(trainer, batch: int, size: int) -> Iterator[tuple]:
-    """The same two normalised random batches every step: no data work at all."""
+    """The same two normalised random batches every step (the bare step's draws): no data work at all."""
     device = trainer.info.device
-    g = torch.Generator(device=device).manual_seed(0)
-    views = [trainer.normalize(torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device,
-                                             dtype=torch.uint8)) for _ in range(2)]
+    views = synthetic_views(batch, size, device, trainer.cfg.channels_last)
     labels = torch.arange(batch, device=device) % 10
     skipped = torch.zeros(batch, dtype=torch.long)
     while True:
         yield views[0], views[1], labels, skipped
 
 
-def time_steps(trainer, batches: Iterator[tuple], cfg: BenchConfig, first_step: dict | None = None) -> dict:
-    """Warm-up, then `repeats` timed blocks of `steps` steps, each ended by a device synchronisation."""
-    device = trainer.info.device
-    total = 10**9  # the lr schedule is irrelevant to speed; keep it from reaching its end
+def real_step(trainer, batches: Iterator[tuple]) -> Callable[[], None]:
+    """Trainer.train_step on the next batch (the lr schedule is irrelevant to speed: kept from its end)."""
+    total = 10**9
 
     def step() -> None:
         im_q, im_k, labels, _ = next(batches)
         trainer.train_step(im_q, im_k, labels, total, total)
+    return step
 
+
+def time_steps(step: Callable[[], object], device: torch.device, cfg: BenchConfig,
+               first_step: dict | None = None) -> dict:
+    """Warm-up, then `repeats` timed blocks of `steps` steps, each ended by a device synchronisation."""
     for i in range(cfg.warmup):
         step()
         if i == 0 and first_step is not None:
@@ -84,8 +88,9 @@ def time_steps(trainer, batches: Iterator[tuple], cfg: BenchConfig, first_step: 
     return out
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Build the pretraining Trainer for cfg and time its step; returns the figures as a dict."""
+def run_bench(cfg: BenchConfig, profile: bool = False) -> dict:
+    """Build the pretraining Trainer for cfg and time its step, then the bare MoCo-v2 step of the same model
+    on the same synthetic views; with profile, also the step's top operators. Returns the figures as a dict."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HnmixError("hnmix bench runs in one process; time one GPU, then multiply by the ranks")
     from hnmix.core import dist as distributed
@@ -97,45 +102,61 @@ def run_bench(cfg: BenchConfig) -> dict:
     # synthetic views need no dataset: the demo set stands in for the Trainer's data source, unused
     train_cfg = cfg.model_copy(update={"data": "demo", "data_on_gpu": "off"}) if synthetic else cfg
     info = distributed.setup(cfg.device)
+    device = info.device
     trainer = Trainer(train_cfg, info)
     trainer.prepare_steps()
     if cfg.mochi_naive:
         trainer.strategy = mochi_from_config(cfg, fused=False)
 
     result = {
-        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "arch": cfg.arch + (" + CIFAR stem" if cfg.cifar_stem else ""), "image_size": cfg.image_size,
         "batch_size": cfg.batch_size, "method": describe_method(cfg) + (" [naive]" if cfg.mochi_naive else ""),
         "queue_size": cfg.queue_size, "precision": str(trainer.dtype or "fp32").replace("torch.", ""),
-        "compiled": cfg.compile,
+        "compiled": cfg.compile, "bn": trainer.bn_mode,
         "data": SYNTHETIC if synthetic else f"{cfg.data}: {trainer.data_source}",
-        "torch_threads": torch.get_num_threads() if info.device.type == "cpu" else None,
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
     first: dict = {}
+    compute_step = real_step(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size))
     if synthetic:
-        result.update(time_steps(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size), cfg, first))
+        result.update(time_steps(compute_step, device, cfg, first))
+        compute_img_per_s = result["img_per_s"]
     else:
         sampler = RunBatches(len(trainer.dataset), cfg.batch_size, 0, 1, cfg.seed, epochs=10**6,
                              total_steps=cfg.warmup + cfg.steps * cfg.repeats)
         batches = trainer._batches(sampler)
         try:
-            result.update(time_steps(trainer, batches, cfg, first))
+            result.update(time_steps(real_step(trainer, batches), device, cfg, first))
         finally:
             batches.close()  # stops the loader's workers
+        compute_img_per_s = None
         if cfg.ceiling:
-            ceiling = time_steps(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size), cfg)
-            result["ceiling_img_per_s"] = ceiling["img_per_s"]
-            result["share_of_ceiling"] = result["img_per_s"] / ceiling["img_per_s"]
+            compute_img_per_s = result["ceiling_img_per_s"] = time_steps(compute_step, device, cfg)["img_per_s"]
+            result["share_of_ceiling"] = result["img_per_s"] / compute_img_per_s
     result["first_step_s"] = None if first.get("since_launch") is None else round(first["since_launch"], 2)
-    if info.device.type == "cpu":
+    if device.type == "cpu":
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    if profile:
+        result["profile"] = profile_step(compute_step, device)
+    if compute_img_per_s is not None:  # last: it switches on cudnn.benchmark, which the real step may not
+        result.update(time_bare_step(cfg, device, compute_img_per_s))
     distributed.teardown()
     return result
 
 
+def time_bare_step(cfg: BenchConfig, device: torch.device, compute_img_per_s: float) -> dict:
+    """The bare MoCo-v2 step of the same model, precision and synthetic views, timed the same way."""
+    bare = bare_step_timer(cfg.arch, cfg.cifar_stem, cfg.image_size, cfg.batch_size, cfg.queue_size, cfg.dim,
+                           cfg.mlp, device, cfg.precision, cfg.channels_last, cfg.compile)
+    timed = time_steps(bare, device, cfg)
+    return {"bare_img_per_s": timed["img_per_s"], "bare_ms_per_step": timed["ms_per_step"],
+            "share_of_bare": compute_img_per_s / timed["img_per_s"]}
+
+
 def print_table(result: dict, console: Console) -> None:
     t = Table(title="hnmix bench", show_header=False, title_justify="left")
-    for key in ("device", "arch", "image_size", "batch_size", "method", "queue_size", "precision", "compiled",
+    for key in ("device", "arch", "image_size", "batch_size", "method", "queue_size", "precision", "bn", "compiled",
                 "data"):
         t.add_row(key.replace("_", " "), str(result[key]))
     t.add_row("img/s", f"[bold]{result['img_per_s']:,.0f}[/]")
@@ -152,18 +173,23 @@ def print_table(result: dict, console: Console) -> None:
                                      f"data pipeline reaches {result['share_of_ceiling']:.0%} of it")
     elif result["data"] == SYNTHETIC:
         t.add_row("compute ceiling", "this is it: views already on the device")
+    if "share_of_bare" in result:
+        t.add_row("bare MoCo-v2 step", f"{result['bare_img_per_s']:,.0f} img/s (plain BN, no key shuffle, same views); "
+                                       f"this step on synthetic views reaches {result['share_of_bare']:.0%} of it")
     if result["first_step_s"] is not None:
         t.add_row("first step", f"{result['first_step_s']:.1f} s after launch")
     console.print(t)
+    if "profile" in result:
+        console.print(profile_table(result["profile"], device_time=result["device"] != "cpu"))
 
 
-def bench(cfg: BenchConfig, as_json: bool) -> dict:
+def bench(cfg: BenchConfig, as_json: bool, profile: bool = False) -> dict:
     """Run and report; with as_json, stdout holds only the JSON object (everything else goes to stderr)."""
     import json
 
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        result = run_bench(cfg)
+        result = run_bench(cfg, profile)
     if as_json:
         stdout.write(json.dumps(result) + "\n")
     else:
