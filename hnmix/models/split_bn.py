@@ -37,26 +37,24 @@ def statistics_dtype(x: torch.Tensor, param: torch.Tensor | None) -> torch.dtype
     return param.dtype if param is not None else x.dtype
 
 
+def chunk_momenta(momentum: float, groups: int) -> list[float]:
+    """Momenta for updating the running stats once per sub-batch, in order, so that the result is the mean
+    over sub-batches of their own EMA updates: (1 - m) r + m * mean_g(stat_g). The last sub-batch weighs in
+    with m/G; each earlier one with m/G over what the later updates leave of it."""
+    return [momentum / (groups - (groups - 1 - g) * momentum) for g in range(groups)]
+
+
 def per_chunk_forward(x, weight, bias, running_mean, running_var, groups: int, momentum: float, eps: float):
-    """(output, saved (2G, C) rows: the sub-batches' means, then their inverse stds); running stats updated
-    in place. Host work: a handful of calls plus one kernel call per sub-batch."""
-    c = x.shape[1]
+    """(output, saved (2G, C) rows: the sub-batches' means, then their inverse stds); the kernels update the
+    running stats in place. Host work: a few calls plus one kernel call per sub-batch."""
     out = torch.empty_like(x)  # preserve_format: x's memory format
-    saved = torch.empty(2 * groups, c, dtype=statistics_dtype(x, weight if weight is not None else running_mean),
-                        device=x.device)
+    saved = torch.empty(2 * groups, x.shape[1], device=x.device,
+                        dtype=statistics_dtype(x, weight if weight is not None else running_mean))
     saved_rows = saved.unbind(0)
-    tracked = running_mean is not None
-    if tracked:  # each sub-batch updates its own copy of the running stats, inside the kernel
-        running = torch.cat([running_mean.expand(groups, c), running_var.expand(groups, c)])
-        running_rows = running.unbind(0)
-    else:
-        running_rows = [None] * (2 * groups)
-    for g, (x_g, out_g) in enumerate(zip(x.chunk(groups), out.chunk(groups), strict=True)):
-        torch.native_batch_norm(x_g, weight, bias, running_rows[g], running_rows[groups + g], True, momentum, eps,
+    chunks = zip(x.chunk(groups), out.chunk(groups), chunk_momenta(momentum, groups), strict=True)
+    for g, (x_g, out_g, momentum_g) in enumerate(chunks):
+        torch.native_batch_norm(x_g, weight, bias, running_mean, running_var, True, momentum_g, eps,
                                 out=(out_g, saved_rows[g], saved_rows[groups + g]))
-    if tracked:
-        mean_of_rows = running.view(2, groups, c).mean(1)
-        torch._foreach_copy_([running_mean, running_var], [mean_of_rows[0], mean_of_rows[1]])
     return out, saved
 
 
