@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hnmix.errors import HnmixError
-from hnmix.models.split_bn import SplitBatchNorm2d, grouped_batch_norm
+from hnmix.models.split_bn import SplitBatchNorm2d, chunk_momenta, grouped_batch_norm
 
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 C = 6
@@ -106,6 +106,16 @@ def test_output_follows_the_naive_formula():
     torch.testing.assert_close(out.double(), naive, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_sequential_updates_give_the_mean_of_ema_updates(momentum, groups):
+    # one in-place EMA update per sub-batch with chunk_momenta == the mean of each sub-batch's own update
+    r, stats = 3.0, [float(v) for v in range(groups)]
+    for m_g, s_g in zip(chunk_momenta(momentum, groups), stats, strict=True):
+        r = (1 - m_g) * r + m_g * s_g
+    assert r == pytest.approx(sum((1 - momentum) * 3.0 + momentum * s for s in stats) / groups, rel=1e-12)
+
+
 def test_cumulative_average_momentum_none():
     x, dy = make_input("channels_last")
     assert_matches(make_bn(momentum=None), x, dy, 2, atol=2e-6, rtol=1e-5)
@@ -133,6 +143,16 @@ def test_without_affine_or_running_stats():
     ref = torch.cat([F.batch_norm(x[:4], None, None, training=True), F.batch_norm(x[4:], None, None, training=True)])
     torch.testing.assert_close(out, ref)
     assert x.grad is not None and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_parameter_gradients_without_input_gradient():
+    # an input that needs no gradient (a frozen stem) takes the kernel's masked path
+    bn = make_bn()
+    x, dy = make_input("channels_last")
+    _, _, ref_dw, ref_db, _ = reference(bn, x, dy, 2)
+    split, _ = run_split(bn, x.detach(), dy, 2)
+    torch.testing.assert_close(split.weight.grad, ref_dw)
+    torch.testing.assert_close(split.bias.grad, ref_db)
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))

@@ -72,16 +72,25 @@ class _SplitBatchNorm(torch.autograd.Function):
         groups = ctx.groups
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                 weight is not None and ctx.needs_input_grad[2]]
-        saved_rows = saved.unbind(0)
-        grads = [native_batch_norm_backward(dy_g, x_g, weight, None, None, saved_rows[g], saved_rows[groups + g],
-                                            True, ctx.eps, mask)
-                 for g, (dy_g, x_g) in enumerate(zip(grad_out.chunk(groups), x.chunk(groups), strict=True))]
-        dx, dw, db = zip(*grads, strict=True)
-        # one concatenation (one kernel) assembles the input gradient, in the sub-batch results' memory format
-        grad_in = torch.cat(dx) if mask[0] else None
-        grad_w = torch.stack(dw).sum(0) if mask[1] else None
-        grad_b = torch.stack(db).sum(0) if mask[2] else None
-        return grad_in, grad_w, grad_b, None, None, None, None, None
+        rows = saved.unbind(0)
+        grad_in = torch.empty_like(x)
+        # per-sub-batch weight and bias gradients, summed at the end
+        grad_params = torch.zeros(2, groups, x.shape[1], dtype=(weight if weight is not None else saved).dtype,
+                                  device=x.device)
+        grad_w_rows, grad_b_rows = grad_params[0].unbind(0), grad_params[1].unbind(0)
+        chunks = zip(grad_out.chunk(groups), x.chunk(groups), grad_in.chunk(groups), strict=True)
+        for g, (dy_g, x_g, dx_g) in enumerate(chunks):
+            args = (dy_g, x_g, weight, None, None, rows[g], rows[groups + g], True, ctx.eps)
+            if all(mask):  # the kernel's result is copied into place and freed at once (out= needs all three)
+                native_batch_norm_backward.out(*args, mask, out0=dx_g, out1=grad_w_rows[g], out2=grad_b_rows[g])
+                continue
+            for target, grad in zip((dx_g, grad_w_rows[g], grad_b_rows[g]), native_batch_norm_backward(*args, mask),
+                                    strict=True):
+                if grad is not None:
+                    target.copy_(grad)
+        grad_w, grad_b = grad_params.sum(1)
+        return (grad_in if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
+                None, None, None, None, None)
 
 
 def split_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
