@@ -129,11 +129,12 @@ def test_profile_step_lists_operators_by_self_time():
     from hnmix.bench.profile import profile_step
 
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    rows = profile_step(lambda: torch.relu(a @ b), torch.device("cpu"), steps=2)
+    rows, ms_per_step = profile_step(lambda: torch.relu(a @ b), torch.device("cpu"), steps=2)
     by_name = {r["name"]: r for r in rows}
     assert by_name["aten::mm"]["calls"] == 1 and by_name["aten::relu"]["calls"] == 1
     assert all(r["total_ms"] > 0 and 0 < r["share"] <= 1 for r in rows)
     assert sum(r["share"] for r in rows) <= 1 + 1e-9
+    assert sum(r["total_ms"] for r in rows) <= ms_per_step * (1 + 1e-9)
     assert [r["total_ms"] for r in rows] == sorted((r["total_ms"] for r in rows), reverse=True)
 
 
@@ -150,6 +151,7 @@ def test_run_bench_profile():
     result = run_bench(cfg, profile=True)
     assert all(set(r) == {"name", "calls", "total_ms", "share"} for r in result["profile"])
     assert any("conv" in r["name"] for r in result["profile"])  # the backbone's convolutions are in it
+    assert result["profile_ms_per_step"] >= sum(r["total_ms"] for r in result["profile"])
     console = Console(file=io.StringIO(), width=200)
     print_table(result, console)
     assert "top operators by CPU self time" in console.file.getvalue()

@@ -138,7 +138,7 @@ def run_bench(cfg: BenchConfig, profile: bool = False) -> dict:
     if device.type == "cpu":
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     if profile:
-        result["profile"] = profile_step(compute_step, device)
+        result["profile"], result["profile_ms_per_step"] = profile_step(compute_step, device)
     if compute_img_per_s is not None:  # last: it switches on cudnn.benchmark, which the real step may not
         result.update(time_bare_step(cfg, device, compute_img_per_s))
     distributed.teardown()
@@ -180,7 +180,8 @@ def print_table(result: dict, console: Console) -> None:
         t.add_row("first step", f"{result['first_step_s']:.1f} s after launch")
     console.print(t)
     if "profile" in result:
-        console.print(profile_table(result["profile"], device_time=result["device"] != "cpu"))
+        timed = 1e3 * result["batch_size"] / result.get("ceiling_img_per_s", result["img_per_s"])  # synthetic views
+        console.print(profile_table(result["profile"], result["device"] != "cpu", result["profile_ms_per_step"], timed))
 
 
 def bench(cfg: BenchConfig, as_json: bool, profile: bool = False) -> dict:
