@@ -154,4 +154,4 @@ def test_run_bench_profile():
     assert result["profile_ms_per_step"] >= sum(r["total_ms"] for r in result["profile"])
     console = Console(file=io.StringIO(), width=200)
     print_table(result, console)
-    assert "top operators by CPU self time" in console.file.getvalue()
+    assert "top operators, CPU self time per step" in console.file.getvalue()

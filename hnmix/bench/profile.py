@@ -41,8 +41,8 @@ def profile_step(step: Callable[[], object], device: torch.device, steps: int = 
 
 
 def profile_table(rows: list[dict], device_time: bool, profiled_ms: float, timed_ms: float) -> Table:
-    title = (f"top operators by {'device' if device_time else 'CPU'} self time, per step: all operators "
-             f"{profiled_ms:.2f} ms, the timed step {timed_ms:.2f} ms")
+    title = (f"top operators, {'device' if device_time else 'CPU'} self time per step "
+             f"(all operators {profiled_ms:.1f} ms; timed step {timed_ms:.1f} ms)")
     t = Table(title=title, title_justify="left")
     for col, justify in (("operator", "left"), ("calls", "right"), ("total ms", "right"), ("share", "right")):
         t.add_column(col, justify=justify)
