@@ -50,14 +50,16 @@ def leaving_channels_last(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
 @pytest.mark.parametrize("bn", ["split:2", "plain"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_channels_last_in_gives_channels_last_everywhere(case, bn):
+def test_channels_last_in_gives_channels_last_everywhere(case, bn, device):
     arch, cifar_stem, size = CASES[case]
     torch.manual_seed(0)
     model = create_backbone(arch, cifar_stem)
     if bn == "split:2":
         convert_split_bn(model, 2)
-    model = model.to(memory_format=torch.channels_last).train()
-    x = torch.randn(4, 3, size, size).to(memory_format=torch.channels_last).requires_grad_()
+    model = model.to(device, memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, size, size, device=device).to(memory_format=torch.channels_last).requires_grad_()
     assert leaving_channels_last(model, x) == []
