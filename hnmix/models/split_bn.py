@@ -23,7 +23,6 @@ from torch import nn
 
 from hnmix.errors import HnmixError
 
-native_batch_norm = torch.ops.aten.native_batch_norm
 native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 
 
