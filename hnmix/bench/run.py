@@ -2,8 +2,10 @@
 data source, model, method and precision), warm-up excluded, device-synchronised.
 
 With `--data synthetic` the views are random tensors already on the device: the compute ceiling. With a
-dataset, the same step is fed by the real data source (DataLoader workers or device-resident data), and
-the ceiling is timed afterwards in the same process, so the gap between the two is the data pipeline's.
+dataset, the same step is fed by the real data pipeline (--pipeline), the pipeline is timed alone (the
+feed), and the ceiling afterwards in the same process: which of data and compute limits the run. Last,
+the bare MoCo-v2 step of the same model on the same views: share_of_bare is what hnmix's step costs
+beyond the algorithm itself.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from hnmix.bench.bare import bare_step_timer, synthetic_views
+from hnmix.bench.profile import profile_step, profile_table
 from hnmix.config import SYNTHETIC, BenchConfig
 from hnmix.errors import HnmixError
 
@@ -40,26 +44,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_batches(normalize, device: torch.device, batch: int, size: int) -> Iterator[tuple]:
-    """The same two normalised random batches every step: no data work at all."""
-    g = torch.Generator(device=device).manual_seed(0)
-    views = [normalize(torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device,
-                                             dtype=torch.uint8)) for _ in range(2)]
+def synthetic_batches(trainer, batch: int, size: int) -> Iterator[tuple]:
+    """The same two normalised random batches every step (the bare step's draws): no data work at all."""
+    device = trainer.info.device
+    views = synthetic_views(batch, size, device, trainer.cfg.channels_last)
     labels = torch.arange(batch, device=device) % 10
     skipped = torch.zeros(batch, dtype=torch.long)
     while True:
         yield views[0], views[1], labels, skipped
 
 
-def time_steps(trainer, batches: Iterator[tuple], cfg: BenchConfig, first_step: dict | None = None) -> dict:
-    """Warm-up, then `repeats` timed blocks of `steps` steps, each ended by a device synchronisation."""
-    device = trainer.info.device
-    total = 10**9  # the lr schedule is irrelevant to speed; keep it from reaching its end
+def real_step(trainer, batches: Iterator[tuple]) -> Callable[[], None]:
+    """Trainer.train_step on the next batch (the lr schedule is irrelevant to speed: kept from its end)."""
+    total = 10**9
 
     def step() -> None:
         im_q, im_k, labels, _ = next(batches)
         trainer.train_step(im_q, im_k, labels, total, total)
+    return step
 
+
+def time_steps(step: Callable[[], object], device: torch.device, cfg: BenchConfig,
+               first_step: dict | None = None) -> dict:
+    """Warm-up, then `repeats` timed blocks of `steps` steps, each ended by a device synchronisation."""
     for i in range(cfg.warmup):
         step()
         if i == 0 and first_step is not None:
@@ -84,11 +91,13 @@ def time_steps(trainer, batches: Iterator[tuple], cfg: BenchConfig, first_step: 
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    """Build the pretraining Trainer for cfg and time its step; returns the figures as a dict."""
+    """Build the pretraining Trainer for cfg and time its step, then the bare MoCo-v2 step of the same model on
+    the same synthetic views; with a dataset also the data pipeline alone (the feed) and the step it feeds;
+    with --profile the step's top operators. Returns the figures as a dict."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HnmixError("hnmix bench runs in one process; time one GPU, then multiply by the ranks")
     from hnmix.core import dist
-    from hnmix.data.augment import Normalize
+    from hnmix.data.feed import measure_feed
     from hnmix.data.pretrain import RunBatches
     from hnmix.negatives.mochi import strategy as mochi_strategy
     from hnmix.train.data import TrainingData
@@ -96,48 +105,64 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     synthetic = cfg.data == SYNTHETIC
     info = dist.setup(cfg.device)
-    data = None if synthetic else TrainingData(cfg, info)
+    device = info.device
+    data = None if synthetic else TrainingData(cfg, info)  # synthetic views need no dataset
     strategy = mochi_strategy(cfg.mochi, fused=False) if cfg.mochi_naive else None
     trainer = Trainer(cfg, info, steps_per_epoch=10**9, strategy=strategy)
     trainer.prepare_steps()
-    normalize = Normalize(channels_last=cfg.channels_last).to(info.device)
 
     result = {
-        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "arch": cfg.arch + (" + CIFAR stem" if cfg.cifar_stem else ""), "image_size": cfg.image_size,
         "batch_size": cfg.batch_size, "method": cfg.describe_method() + (" [naive]" if cfg.mochi_naive else ""),
         "queue_size": cfg.queue_size, "precision": str(trainer.dtype or "fp32").replace("torch.", ""),
-        "compiled": cfg.compile,
+        "compiled": cfg.compile, "bn": trainer.bn_mode,
         "data": SYNTHETIC if synthetic else f"{cfg.data}: {data.description}",
-        "torch_threads": torch.get_num_threads() if info.device.type == "cpu" else None,
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
     first: dict = {}
+    compute_step = real_step(trainer, synthetic_batches(trainer, cfg.batch_size, cfg.image_size))
     if synthetic:
-        result.update(time_steps(trainer, synthetic_batches(normalize, info.device, cfg.batch_size, cfg.image_size),
-                                 cfg, first))
+        result.update(time_steps(compute_step, device, cfg, first))
+        compute_img_per_s = result["img_per_s"]
     else:
-        sampler = RunBatches(len(data), cfg.batch_size, 0, 1, cfg.seed, epochs=10**6,
-                             total_steps=cfg.warmup + cfg.steps * cfg.repeats)
-        batches = data.batches(sampler)
+        def sampler(steps: int) -> RunBatches:
+            return RunBatches(len(data), cfg.batch_size, 0, 1, cfg.seed, epochs=10**6, total_steps=steps)
+
+        batches = data.batches(sampler(cfg.warmup + cfg.steps * cfg.repeats))
         try:
-            result.update(time_steps(trainer, batches, cfg, first))
+            result.update(time_steps(real_step(trainer, batches), device, cfg, first))
         finally:
             batches.close()  # stops the loader's workers
+        feed = measure_feed(data.batches, sampler(max(cfg.warmup, 1) + cfg.steps), cfg.steps, cfg.warmup)
+        result["feed_img_per_s"] = feed.img_per_s
+        compute_img_per_s = None
         if cfg.ceiling:
-            ceiling = time_steps(trainer, synthetic_batches(normalize, info.device, cfg.batch_size, cfg.image_size),
-                                 cfg)
-            result["ceiling_img_per_s"] = ceiling["img_per_s"]
-            result["share_of_ceiling"] = result["img_per_s"] / ceiling["img_per_s"]
+            compute_img_per_s = result["ceiling_img_per_s"] = time_steps(compute_step, device, cfg)["img_per_s"]
+            result["share_of_ceiling"] = result["img_per_s"] / compute_img_per_s
     result["first_step_s"] = None if first.get("since_launch") is None else round(first["since_launch"], 2)
-    if info.device.type == "cpu":
+    if device.type == "cpu":
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    if cfg.profile:
+        result["profile"], result["profile_ms_per_step"] = profile_step(compute_step, device)
+    if compute_img_per_s is not None:
+        result.update(time_bare_step(cfg, device, compute_img_per_s))
     dist.teardown()
     return result
 
 
+def time_bare_step(cfg: BenchConfig, device: torch.device, compute_img_per_s: float) -> dict:
+    """The bare MoCo-v2 step of the same model, precision and synthetic views, timed the same way."""
+    bare = bare_step_timer(cfg.arch, cfg.cifar_stem, cfg.image_size, cfg.batch_size, cfg.queue_size, cfg.dim,
+                           cfg.mlp, device, cfg.precision, cfg.channels_last, cfg.compile)
+    timed = time_steps(bare, device, cfg)
+    return {"bare_img_per_s": timed["img_per_s"], "bare_ms_per_step": timed["ms_per_step"],
+            "bare_best_ms_per_step": timed["best_ms_per_step"], "share_of_bare": compute_img_per_s / timed["img_per_s"]}
+
+
 def print_table(result: dict, console: Console) -> None:
     t = Table(title="hnmix bench", show_header=False, title_justify="left")
-    for key in ("device", "arch", "image_size", "batch_size", "method", "queue_size", "precision", "compiled",
+    for key in ("device", "arch", "image_size", "batch_size", "method", "queue_size", "precision", "bn", "compiled",
                 "data"):
         t.add_row(key.replace("_", " "), str(result[key]))
     t.add_row("img/s", f"[bold]{result['img_per_s']:,.0f}[/]")
@@ -154,9 +179,17 @@ def print_table(result: dict, console: Console) -> None:
                                      f"data pipeline reaches {result['share_of_ceiling']:.0%} of it")
     elif result["data"] == SYNTHETIC:
         t.add_row("compute ceiling", "this is it: views already on the device")
+    if "feed_img_per_s" in result:
+        t.add_row("data pipeline alone", f"{result['feed_img_per_s']:,.0f} img/s (no step: what the feed can give)")
+    if "share_of_bare" in result:
+        t.add_row("bare MoCo-v2 step", f"{result['bare_img_per_s']:,.0f} img/s (plain BN, no key shuffle, same views); "
+                                       f"this step on synthetic views reaches {result['share_of_bare']:.0%} of it")
     if result["first_step_s"] is not None:
         t.add_row("first step", f"{result['first_step_s']:.1f} s after launch")
     console.print(t)
+    if "profile" in result:
+        timed = 1e3 * result["batch_size"] / result.get("ceiling_img_per_s", result["img_per_s"])  # synthetic views
+        console.print(profile_table(result["profile"], result["device"] != "cpu", result["profile_ms_per_step"], timed))
 
 
 def bench(cfg: BenchConfig, as_json: bool) -> dict:

@@ -1,13 +1,16 @@
-"""timm backbone factory, the CIFAR stem, and split batch norm (shuffle-BN emulation on one device)."""
+"""timm backbone factory, the CIFAR stem, and the conversion to split batch norm (hnmix.models.split_bn)."""
 
 from __future__ import annotations
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hnmix.errors import HnmixError
+from hnmix.models.split_bn import SplitBatchNorm2d
+
+__all__ = ["SplitBatchNorm2d", "apply_cifar_stem", "check_arch", "check_image_size", "convert_split_bn",
+           "count_batchnorms", "create_backbone"]
 
 
 def check_arch(arch: str) -> str:
@@ -60,37 +63,6 @@ def apply_cifar_stem(model: nn.Module, arch: str = "") -> None:
         )
     model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
-
-
-class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over G contiguous sub-batches normalised separately.
-
-    Sub-batch g holds samples [g*n/G, (g+1)*n/G): exactly what rank g of a G-process DDP run normalises,
-    so with the key shuffle it reproduces MoCo's shuffle BN on one device. Running statistics are the
-    mean over sub-batches. State-dict keys are those of nn.BatchNorm2d.
-    """
-
-    def __init__(self, num_features: int, num_splits: int, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self.num_splits = num_splits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.num_splits
-        if not self.training or g == 1:
-            return super().forward(x)
-        n, c, h, w = x.shape
-        if n % g:
-            raise HnmixError(f"split batch norm: batch of {n} does not split into {g} equal parts")
-        xs = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
-        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
-        out = F.batch_norm(
-            xs, mean, var, self.weight.repeat(g), self.bias.repeat(g), True, self.momentum, self.eps
-        )
-        with torch.no_grad():
-            self.running_mean.copy_(mean.view(g, c).mean(0))
-            self.running_var.copy_(var.view(g, c).mean(0))
-            self.num_batches_tracked.add_(1)
-        return out.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 
 def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
