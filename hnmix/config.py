@@ -77,8 +77,12 @@ class PretrainBase(Settings):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
         "auto", "autocast precision; auto = bf16 on GPU, fp32 on CPU", panel=OPTIM)
     channels_last: bool = setting(True, "channels-last memory format for conv nets", panel=OPTIM)
-    compile: bool = setting(False, "torch.compile the two encoders in place (checkpoint keys unchanged); the "
-                            "first steps compile (tens of seconds, longer on a CPU)", panel=OPTIM)
+    compile: bool = setting(False, "torch.compile the two encoders in place (checkpoint keys unchanged): fused "
+                            "kernels, split BN as grouped statistics; the first steps compile (tens of seconds, "
+                            "minutes on a CPU; printed). Pays off for small models: docs/benchmarks.md", panel=OPTIM)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = setting(
+        "default", "torch.compile mode: reduce-overhead also replays each encoder pass as a CUDA graph (no "
+        "launch cost: the lever for small models, at the price of memory for static buffers)", panel=OPTIM)
     seed: int = setting(0, "seed of data order, augmentations and synthetic draws", panel=OPTIM)
     # run directory and devices
     device: Literal["auto", "cuda", "cpu"] = setting("auto", "auto = cuda when available", panel=RUN)

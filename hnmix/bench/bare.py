@@ -52,8 +52,12 @@ class BareStep:
         self.optimizer = torch.optim.SGD(self.q_params, lr=lr, momentum=0.9, weight_decay=1e-4)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
 
+    cudagraphs = False  # encoders compiled with reduce-overhead: mark each step's start
+
     def __call__(self) -> torch.Tensor:
         im_q, im_k = self.views
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             q = F.normalize(self.encoder_q(im_q).float(), dim=1)
             with torch.no_grad():
@@ -73,6 +77,7 @@ class BareStep:
 
 def bare_step_timer(arch: str, cifar_stem: bool, image_size: int, batch_size: int, queue_size: int, dim: int,
                     mlp: bool, device: torch.device, precision: str, channels_last: bool, compile: bool,
+                    mode: str = "default",
                     views: tuple[torch.Tensor, torch.Tensor] | None = None) -> BareStep:
     """The bare step on `views` (default: synthetic_views, the same draws as `hnmix bench --data synthetic`)."""
     enable_fast_kernels(device)  # cudnn.benchmark on CUDA
@@ -83,6 +88,7 @@ def bare_step_timer(arch: str, cifar_stem: bool, image_size: int, batch_size: in
         views = synthetic_views(batch_size, image_size, device, channels_last)
     step = BareStep(encoder, views, queue_size, dim, autocast_dtype(precision, device), lr=0.03 * batch_size / 256)
     if compile:  # in place, as the real step compiles its encoders
-        step.encoder_q.compile()
-        step.encoder_k.compile()
+        step.encoder_q.compile(mode=mode)
+        step.encoder_k.compile(mode=mode)
+        step.cudagraphs = "reduce-overhead" in mode
     return step

@@ -154,7 +154,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 def time_bare_step(cfg: BenchConfig, device: torch.device, compute_img_per_s: float) -> dict:
     """The bare MoCo-v2 step of the same model, precision and synthetic views, timed the same way."""
     bare = bare_step_timer(cfg.arch, cfg.cifar_stem, cfg.image_size, cfg.batch_size, cfg.queue_size, cfg.dim,
-                           cfg.mlp, device, cfg.precision, cfg.channels_last, cfg.compile)
+                           cfg.mlp, device, cfg.precision, cfg.channels_last, cfg.compile, cfg.compile_mode)
     timed = time_steps(bare, device, cfg)
     return {"bare_img_per_s": timed["img_per_s"], "bare_ms_per_step": timed["ms_per_step"],
             "bare_best_ms_per_step": timed["best_ms_per_step"], "share_of_bare": compute_img_per_s / timed["img_per_s"]}

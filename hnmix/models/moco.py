@@ -42,7 +42,7 @@ def contrastive_loss(logits: torch.Tensor, T: float, keep: torch.Tensor | None =
     if keep is not None:
         K = keep.shape[1]
         z = torch.cat([z[:, :1], z[:, 1:1 + K].masked_fill(~keep, float("-inf")), z[:, 1 + K:]], dim=1)
-    return (torch.logsumexp(z, dim=1) - z[:, 0]).mean(), z
+    return F.cross_entropy(z, torch.zeros(z.shape[0], dtype=torch.long, device=z.device)), z
 
 
 def finite_mean(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,7 @@ class MocoOutput(NamedTuple):
     logits: torch.Tensor  # (B, 1 + K + S) before temperature; column 0 is the positive
     loss: torch.Tensor
     stats: torch.Tensor  # see STAT_NAMES
+    keys: tuple[torch.Tensor, torch.Tensor | None] | None = None  # to enqueue after the backward (enqueue=False)
 
 
 # instance-discrimination top-1 (kept negatives and synthetic ones count), mean positive / queue / synthetic
@@ -109,14 +110,17 @@ class MoCo(nn.Module):
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, *, hard_negatives: HardNegatives | None = None,
                 labels: torch.Tensor | None = None, oracle: bool = False,
-                shuffle_generator: torch.Generator | None = None) -> MocoOutput:
+                shuffle_generator: torch.Generator | None = None, enqueue: bool = True) -> MocoOutput:
         """labels (B,) (-1 = unknown) are queued beside the keys; with oracle=True, queue entries of the
         query's own class leave its loss and are not used to synthesise negatives.
 
         Symmetric: both views are queries against the other's key (two query and two key passes, the same
         queue for both), the loss is the mean of the two directions, and both batches of keys are enqueued
         (first view's, then second's), as MoCo's CIFAR-10 demo and lightly do; logits are the first
-        direction's."""
+        direction's.
+
+        enqueue=False leaves the queue as it is and returns the keys (`keys`) for `enqueue(*keys)` after the
+        backward: the queue the loss saw then needs no copy."""
         # normalised in fp32: CPU autocast would do it in bf16 (unit norms off by ~0.3 %) and enqueue that
         q = F.normalize(self.encoder_q(im_q).float(), dim=1)
         q2 = F.normalize(self.encoder_q(im_k).float(), dim=1) if self.symmetric else None
@@ -125,7 +129,7 @@ class MoCo(nn.Module):
             k, k_all = self.encode_keys(im_k, shuffle_generator)
             if self.symmetric:
                 k1, k1_all = self.encode_keys(im_q, shuffle_generator)
-        queue = self.queue.clone()  # the in-place enqueue below must not touch what autograd saved
+        queue = self.queue.clone() if enqueue else self.queue  # autograd saved it: enqueue must not touch it
         logits, loss, stats = self.contrast(q, k, queue, hard_negatives, labels, oracle)
         labels_all = all_gather(labels) if labels is not None else None
         if self.symmetric:
@@ -133,6 +137,8 @@ class MoCo(nn.Module):
             loss, stats = (loss + loss2) / 2, (stats + stats2) / 2
             k_all = torch.cat([k1_all, k_all])
             labels_all = None if labels_all is None else labels_all.repeat(2)
+        if not enqueue:
+            return MocoOutput(logits, loss, stats, (k_all, labels_all))
         self.enqueue(k_all, labels_all)
         return MocoOutput(logits, loss, stats)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -142,8 +143,8 @@ class Trainer:
     def prepare_steps(self) -> None:
         """Compile (in place, so state-dict keys and the momentum update see the same modules) and wrap in DDP."""
         if self.cfg.compile:
-            self.model.encoder_q.compile()
-            self.model.encoder_k.compile()
+            self.model.encoder_q.compile(mode=self.cfg.compile_mode)
+            self.model.encoder_k.compile(mode=self.cfg.compile_mode)
         if self.info.world > 1:
             self.ddp = self._wrap_ddp()
 
@@ -166,11 +167,14 @@ class Trainer:
         self.shared_gen.manual_seed(sample_seed(cfg.seed, self.step, -2))
         self.rank_gen.manual_seed(sample_seed(cfg.seed, self.step, -3 - info.rank))
         hard = self.strategy and functools.partial(self.strategy, generator=self.rank_gen, epoch=self.step / spe)
+        if self.cfg.compile and "reduce-overhead" in self.cfg.compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step are free again
         with autocast(info.device, self.dtype):
             out = self.ddp(im_q, im_k, hard_negatives=hard, labels=labels, oracle=cfg.oracle_labels,
-                           shuffle_generator=self.shared_gen)
+                           shuffle_generator=self.shared_gen, enqueue=False)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
+        self.model.enqueue(*out.keys)  # after the backward, which needed the queue as the loss saw it
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
@@ -186,7 +190,7 @@ def describe(cfg, trainer: Trainer, data: TrainingData, sampler: RunBatches, hoo
                      f"{'MLP' if cfg.mlp else 'linear'} -> {cfg.dim}"),
         ("data", f"{cfg.data}: {len(data)} images, {cfg.image_size} px; {data.description}"),
         ("devices", f"{info.world} x {info.device.type}, precision {trainer.dtype or 'fp32'}, BN {trainer.bn_mode}"
-                    f"{', compiled encoders' if cfg.compile else ''}"),
+                    f"{f', compiled encoders ({cfg.compile_mode})' if cfg.compile else ''}"),
         ("batch", f"global {cfg.batch_size} = {info.world} x {trainer.local_batch} per rank"),
         ("lr", f"effective {effective_lr(cfg):.4g} = {cfg.lr} x {cfg.batch_size}/256, "
                f"{'cosine' if cfg.cos else f'steps at {cfg.schedule}'}, wd {cfg.wd}"),
@@ -262,13 +266,17 @@ def fit(trainer: Trainer, batches, total: int, hooks: list[Hook], checkpoints: C
     """Step through the batches; after each step the hooks run in order (metrics first, checkpoints last)."""
     cfg, info, spe = trainer.cfg, trainer.info, trainer.steps_per_epoch
     metrics = hooks[0]
-    finished = False
+    finished, started_at = False, trainer.step
     try:
         for hook in hooks:
             hook.start(trainer)
         with StopRequest(info.world, info.device, trainer.console) as stop:
             for im_q, im_k, labels, skip in batches:
+                started = time.perf_counter()
                 out, lr = trainer.train_step(im_q, im_k, labels, total, spe)
+                if cfg.compile and started_at == trainer.step - 1:  # what compiling costs, once
+                    trainer.console.print(f"first step: {time.perf_counter() - started:.1f} s (torch.compile, "
+                                          f"mode {cfg.compile_mode})", highlight=False)
                 step = trainer.step
                 epoch_end, run_end = step % spe == 0, step == total
                 stopping = not run_end and stop.agreed(at_log_step=step % cfg.log_every == 0)
