@@ -208,6 +208,7 @@ class BenchBase(PretrainBase):
     repeats: int = setting(1, "timed blocks; the median is reported (for noisy, shared machines)", ge=1,
                            panel=BENCH)
     ceiling: bool = setting(True, "with a dataset, also time synthetic views: the compute ceiling", panel=BENCH)
+    bare: bool = setting(True, "also time the bare MoCo-v2 step of the same model (share_of_bare)", panel=BENCH)
     profile: bool = setting(False, "also list the step's top operators by device time (CUDA) or CPU time",
                             flags=("--profile",), panel=BENCH)
     mochi_naive: bool = setting(False, "MoCHi in the naive form (materialised (B, s, D) points), to measure what "

@@ -145,7 +145,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     if cfg.profile:
         result["profile"], result["profile_ms_per_step"] = profile_step(compute_step, device)
-    if compute_img_per_s is not None:
+    if compute_img_per_s is not None and cfg.bare:
         result.update(time_bare_step(cfg, device, compute_img_per_s))
     dist.teardown()
     return result

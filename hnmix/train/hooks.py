@@ -91,6 +91,7 @@ class MetricsHook(Hook):
         self.task = self.progress.add_task("train", total=self.total, completed=trainer.step,
                                            epoch=trainer.step // spe + 1, loss="-", acc="-", speed="-")
         self.meter.pause()
+        self.started = time.perf_counter()
 
     def after_step(self, trainer, out, moment: Moment) -> None:
         self.meter.add(out.loss, out.stats, trainer.cfg.batch_size)
@@ -99,7 +100,8 @@ class MetricsHook(Hook):
         self.progress.update(self.task, advance=1, epoch=f"{moment.step // spe + (moment.step % spe > 0)}/{self.epochs}")
         if not (moment.log or moment.save):
             return
-        record = {"step": moment.step, "epoch": round(moment.step / spe, 4), "lr": moment.lr, **self.meter.read()}
+        record = {"step": moment.step, "epoch": round(moment.step / spe, 4), "lr": moment.lr, **self.meter.read(),
+                  "elapsed_s": round(time.perf_counter() - self.started, 3)}  # since this session's first step
         if not math.isfinite(record["loss"]):
             last = trainer.last_good
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
