@@ -22,7 +22,7 @@ from hnmix.errors import HnmixError
 runner = CliRunner()
 # CPU-sized runs: the R50-C4 cost is the res5 head on every RoI, so few RoIs and proposals
 TINY = ["--smoke", "--iters", "2", "--input-size", "64", "--workers", "0",
-        "--set", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=8", "--set", "MODEL.RPN.POST_NMS_TOPK_TEST=10"]
+        "--d2", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=8", "--d2", "MODEL.RPN.POST_NMS_TOPK_TEST=10"]
 
 
 def _image(path: Path, box: tuple[int, int, int, int], seed: int) -> None:
@@ -334,3 +334,38 @@ def test_coco_tiny_run_with_masks_converts_on_the_fly(converted, tmp_path):
     assert (out / "pretrained_backbone.pkl").is_file() and "converted on the fly" in results["weights"]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["MODEL"]["MASK_ON"] is True and cfg["INPUT"]["FORMAT"] == "RGB"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_iteration_and_resume_finishes(tmp_path):
+    # off a terminal the progress comes as plain lines; the first signal finishes the iteration, saves it and
+    # stops with a line saying how to continue (as pretrain does)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("detectron2")
+    data = make_voc(tmp_path / "voc")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hnmix", "transfer-detect", "voc", "--data", str(data), "--weights", "none",
+           "--output", str(out), *TINY, "--iters", "400"]
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 240
+        while "iteration 20/400" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, log.read_text() + err
+    assert "fine-tuning from iteration 0 to 400" in log.read_text()
+    message = " ".join(err.split())
+    assert "stopped: terminated during trial 1 after iteration" in message and "continue with --resume" in message
+    saved = sorted(out.glob("model_*.pth"))
+    assert saved and (out / "last_checkpoint").read_text().strip() == saved[-1].name
+    again = subprocess.run([*cmd, "--resume", "--iters", "30"], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stdout + again.stderr

@@ -121,6 +121,8 @@ def check_keys(cls: type[BaseModel], values: dict[tuple[str, ...], Any], origin:
         close = difflib.get_close_matches(key, names, n=1) or difflib.get_close_matches(
             path[-1], [dotted(p) for p in paths if p[-1] == path[-1]] or names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
+        if hasattr(cls, "unknown_setting_hint") and (special := cls.unknown_setting_hint(key)):
+            hint = f" ({special})"
         raise HnmixError(f"{origin}: unknown setting '{key}'{hint}")
 
 

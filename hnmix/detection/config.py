@@ -117,6 +117,10 @@ class TransferDetectConfig(Settings):
             raise ValueError("--num-gpus > 1 needs CUDA; drop --device cpu")
         return self
 
+    @classmethod
+    def unknown_setting_hint(cls, key: str) -> str | None:
+        return "detectron2's own config keys go through --d2 KEY=VALUE" if key.split(".")[0].isupper() else None
+
     @property
     def recipe_name(self) -> str:
         return self.recipe or DEFAULT_RECIPE[self.task]
