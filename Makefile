@@ -2,7 +2,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
@@ -13,8 +13,11 @@ demo: install  # a fresh demo run each time: pretrain refuses to overwrite an ex
 	rm -rf runs/demo
 	$(VENV)/bin/hnmix pretrain --config examples/demo.yaml
 
-test: install
+test: install  # everything, the slow end-to-end runs (subprocesses, torchrun) included: what CI runs
 	$(VENV)/bin/python -m pytest -q
+
+test-fast: install  # without the tests marked slow: a few minutes less while developing
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check hnmix tests

@@ -1,28 +1,13 @@
-"""Shared fixtures: tiny image folders made on the fly, and a runner for the CLI."""
+"""Fixtures: tiny image folders, a CLI runner, a private cache, few threads (helpers: tests/helpers.py)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import write_images
 from typer.testing import CliRunner
-
-ROOT = Path(__file__).resolve().parents[1]
-# the smallest settings that still exercise every part of a pretraining run
-TINY = ["--arch", "test_resnet", "--image-size", "16", "--batch-size", "8", "--queue-size", "32",
-        "--dim", "16", "--workers", "0", "--set", "log_every=1"]
-
-
-def write_images(root: Path, n: int, classes: list[str] | None = None, size: int = 20, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        folder = root / classes[i % len(classes)] if classes else root
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:04d}.jpg")
-    return root
 
 
 @pytest.fixture

@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_images
-from evalkit import (
+from helpers import (
+    assert_clean_error,
     save_backbone,
     save_hnmix_checkpoint,
     save_official_moco,
     tiny_moco,
     write_brightness_split,
+    write_images,
 )
-from test_cli_pretrain import assert_clean_error
 
 from hnmix.analyze import metrics as M
 from hnmix.analyze.encoders import load_encoders

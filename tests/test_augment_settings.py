@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from augkit import OFF, PIPELINES
+from helpers import OFF, PIPELINES
 from pydantic import ValidationError
 
 from hnmix.data.augment_settings import PRESETS, AugmentSettings, ViewAugment

@@ -5,7 +5,7 @@ import importlib
 import json
 
 import pytest
-from conftest import write_images
+from helpers import write_images
 
 from hnmix.cli import app
 from hnmix.train.loop import Trainer

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import TINY, write_images
+from helpers import TINY, assert_clean_error, write_images
 
 from hnmix.cli import app
 
@@ -14,13 +14,6 @@ from hnmix.cli import app
 def invoke(runner, *args):
     result = runner.invoke(app, ["pretrain", *args])
     return result
-
-
-def assert_clean_error(result, message):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
-    assert err.startswith("error:") and message in err, err
 
 
 def test_demo_run_writes_a_complete_run_directory(runner, tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from hnmix.analyze.config import AnalyzeConfig
 from hnmix.cli import app
@@ -68,6 +68,7 @@ def test_errors_name_the_config_file_key(runner, tmp_path):
     assert result.exit_code == 2 and f"{f}: mochi.s_prime:" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["", *sorted(COMMANDS), "doctor"])
 @pytest.mark.parametrize("width", [60, 80])
 def test_help_wraps_and_never_cuts(command, width):

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_images
+from helpers import assert_clean_error, write_images
 from rich.console import Console
-from test_cli_pretrain import assert_clean_error
 
 from hnmix.cli import app
 from hnmix.compare import evaluate, stats

@@ -190,6 +190,7 @@ def test_torchvision_export_refuses_timm_only_archs(tmp_path):
         convert(tmp_path / "d.pt", "torchvision", tmp_path / "o.pth", arch="resnet18d")
 
 
+@pytest.mark.slow
 def test_convert_never_imports_detectron2(r50, tmp_path):
     _, _, d = r50
     code = ("import sys; from hnmix.models.export import convert; "

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import write_images
+from helpers import write_images
 from PIL import Image
 
 from hnmix.data.augment_settings import AugmentSettings

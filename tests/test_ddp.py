@@ -4,8 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
+
+pytestmark = pytest.mark.slow  # every test here starts two torchrun processes
 
 
 def run(out, nproc, bn, tmp_path):

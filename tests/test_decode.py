@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_distribution
 from PIL import Image
-from test_gpu_augment import assert_same_distribution
 from torchvision.transforms.functional import pil_to_tensor
 
 from hnmix.data import feed, gpu_decode

@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, write_images
-from test_cli_pretrain import assert_clean_error
+from helpers import TINY, assert_clean_error, write_images
 
 from hnmix.cli import app
 from hnmix.data.augment import Normalize
@@ -93,6 +92,7 @@ def test_monitor_bad_data_fails_before_training(runner, tmp_path):
                        "has no val/ or test/ folder")
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_monitor_and_get_the_single_process_numbers(tmp_path):
     # 25 bank and 7 query images over 7 classes: uneven shards, padded for the gather, never double-counted
     classes = list("abcdefg")

@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
-from conftest import write_images
-from evalkit import (
+from helpers import (
+    assert_clean_error,
     save_backbone,
     save_hnmix_checkpoint,
     save_official_moco,
     tiny_moco,
     write_brightness_dataset,
+    write_images,
 )
-from test_cli_pretrain import assert_clean_error
 
 from hnmix.cli import app
 from hnmix.core.log import MetricsLog

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from augkit import assert_same_distribution, gpu_views, pil_views
+from helpers import assert_same_distribution, gpu_views, pil_views
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 

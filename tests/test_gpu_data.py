@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, write_images
+from helpers import TINY, write_images
 from PIL import Image
 
 from hnmix.cli import app
@@ -154,6 +154,7 @@ def test_pretrain_with_data_on_device_on_cpu(runner, tmp_path):
     assert bad.exit_code == 2 and "--data-on-gpu" in bad.stderr
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_equal_one_process_with_device_data(tmp_path):
     # local rank 0 decodes and caches, rank 1 waits at the barrier and reads the cache; the views depend on
     # neither, so 2 x 4 images with shuffle BN train exactly like 8 with split:2 BN (as the loader path does)

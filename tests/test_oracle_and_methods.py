@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, write_images
+from helpers import TINY, write_images
 
 from hnmix.cli import app
 from hnmix.models.backbone import create_backbone

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import TINY, write_images
+from helpers import TINY, write_images
 
 import hnmix.data.folder as folder
 from hnmix.cli import app

@@ -1,7 +1,7 @@
 """The recipes in examples/ load as they are, say where they come from and what they should reach."""
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from hnmix.config import PretrainConfig
 from hnmix.core.settings import load_config

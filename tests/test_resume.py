@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
-from conftest import TINY, write_images
+from helpers import TINY, write_images
 
 
 def pretrain_cmd(data, out, *extra):
@@ -35,6 +36,7 @@ def kill_after_step(cmd, out, step, env):
     return torch.load(out / "last.pt", weights_only=True)["step"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path):
     data = write_images(tmp_path / "data", 48, classes=["a", "b", "c"])  # 6 steps per epoch, 36 in all
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -65,6 +67,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert steps == list(range(1, 37)), "each step logged exactly once across the kill"
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_save_the_step_and_resume_bit_identically(tmp_path):
     # the first signal stops after the current step with a checkpoint of it; loader workers survive it
     data = write_images(tmp_path / "data", 48, classes=["a", "b", "c"])

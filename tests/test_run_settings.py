@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_images
+from helpers import write_images
 
 from hnmix.cli import app
 from hnmix.config import PretrainConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY
 from pydantic import Field
 from typer.testing import CliRunner
 

@@ -51,7 +51,7 @@ def test_symmetric_needs_a_queue_of_whole_double_batches():
 
 
 def test_a_symmetric_mochi_run(runner, tmp_path):
-    from conftest import TINY
+    from helpers import TINY
 
     from hnmix.cli import app
 
