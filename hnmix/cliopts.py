@@ -194,7 +194,11 @@ def option_parameter(flag: Flag) -> inspect.Parameter:
         annotation = bool | None
     elif typing.get_origin(tp) is Literal:  # pydantic checks the choice: its error names the flag, in one line
         annotation = str | None
-        kwargs["metavar"] = extra["metavar"] or "<" + "|".join(map(str, typing.get_args(tp))) + ">"
+        choices = [str(c) for c in typing.get_args(tp)]
+        kwargs["metavar"] = extra["metavar"] or "<" + "|".join(choices) + ">"
+        if len(kwargs["metavar"]) > 30:  # too long for the option column: the choices go to the help
+            kwargs["metavar"] = extra["metavar"] or "CHOICE"
+            kwargs["help"] = f"{f.description} (one of: {', '.join(choices)}){flag.extra_help}{_default_text(f)}"
     elif _is_sequence(tp) and typing.get_args(tp)[:1] == (str,):  # paths, KEY=VALUE pairs: repeat the flag
         annotation = list[str] | None
         kwargs["metavar"] = extra["metavar"] or "TEXT"

@@ -12,13 +12,14 @@ from helpers import ROOT
 from hnmix.analyze.config import AnalyzeConfig
 from hnmix.cli import app
 from hnmix.cliopts import collect_flags, flags_of
+from hnmix.compare.config import CompareConfig
 from hnmix.config import BenchConfig, PretrainConfig
 from hnmix.core.settings import known_paths, load_config
 from hnmix.detection.config import ConvertConfig, TransferDetectConfig
 from hnmix.eval.config import LinevalConfig
 
 COMMANDS = {"pretrain": PretrainConfig, "bench": BenchConfig, "lineval": LinevalConfig, "analyze": AnalyzeConfig,
-            "convert": ConvertConfig, "transfer-detect": TransferDetectConfig}
+            "convert": ConvertConfig, "transfer-detect": TransferDetectConfig, "compare": CompareConfig}
 EXTRA = {"--json", "--help", "--version"}  # flags that are not settings
 
 
@@ -33,17 +34,30 @@ def test_every_setting_has_a_flag_in_help(runner, command):
         assert flag in text, flag
 
 
+def command_snippets(text: str) -> list[str]:
+    """The command lines of a Markdown page: lines of fenced code blocks, and `inline code` spans."""
+    snippets, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            snippets.append(line.split("#")[0])
+        else:
+            snippets += re.findall(r"`([^`]*hnmix [^`]*)`", line)
+    return snippets
+
+
 def test_readme_and_docs_name_only_flags_that_exist():
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     checked = 0
     for page in pages:
-        for line in page.read_text().splitlines():
-            found = re.search(r"\bhnmix (pretrain|bench|lineval|analyze|convert|transfer-detect)\b(.*)", line)
+        for line in command_snippets(page.read_text()):
+            found = re.search(r"\bhnmix (pretrain|bench|lineval|analyze|convert|transfer-detect|compare)\b(.*)", line)
             if not found:
                 continue
             command, rest = found.groups()
             known = flags_of(COMMANDS[command]) | EXTRA
-            for flag in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", rest.split("#")[0]):
+            for flag in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", rest):
                 assert flag in known, f"{page.name}: `hnmix {command} ... {flag}` is not a flag of {command}"
                 checked += 1
     assert checked > 50  # the pattern really reads the examples
