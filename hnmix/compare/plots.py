@@ -37,15 +37,7 @@ def knn_by_epoch(runs: list[dict], arms: list[str], path: Path) -> Path | None:
             ax.fill_between(epochs, [m - s for m, s in zip(means, stds, strict=True)],
                             [m + s for m, s in zip(means, stds, strict=True)], color=colours[arm], alpha=0.2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 (%)")
-    ax.set_title("kNN monitor: mean over seeds, band = +- sample std")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "epoch", "kNN top-1 (%)", "kNN monitor: mean over seeds, band = +- sample std")
 
 
 def alignment_uniformity(runs: list[dict], arms: list[str], path: Path) -> Path | None:
@@ -64,9 +56,14 @@ def alignment_uniformity(runs: list[dict], arms: list[str], path: Path) -> Path 
         xs, ys = zip(*points, strict=True)
         ax.scatter(xs, ys, color=colours[arm], alpha=0.6, s=30, label=arm)
         ax.scatter([mean(xs)], [mean(ys)], color=colours[arm], marker="X", s=140, edgecolors="black")
-    ax.set_xlabel("uniformity loss (lower = more uniform)")
-    ax.set_ylabel("alignment loss (lower = better aligned)")
-    ax.set_title("alignment vs uniformity: one dot per run, X = arm mean")
+    return _finish(fig, ax, path, "uniformity loss (lower = more uniform)", "alignment loss (lower = better aligned)",
+                   "alignment vs uniformity: one dot per run, X = arm mean")
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -40,6 +40,14 @@ class MethodSettings(Settings):
         return False
 
 
+def check_hardest(method: str, flag: str, n_hard: int, synthesises: bool, queue_size: int) -> None:
+    """For methods that build points from each query's N hardest queue entries: 2 <= N <= K."""
+    if synthesises and n_hard < 2:
+        raise ValueError(f"synthetic negatives ({method}) need N >= 2, got N={n_hard}")
+    if n_hard > queue_size:
+        raise ValueError(f"{flag} {n_hard} hardest negatives cannot exceed the queue size --queue-size {queue_size}")
+
+
 @dataclass(frozen=True)
 class Method:
     name: str

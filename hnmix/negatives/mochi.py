@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hnmix.core.settings import setting
-from hnmix.negatives.base import Method, MethodSettings, Negatives, Strategy
+from hnmix.negatives.base import Method, MethodSettings, Negatives, Strategy, check_hardest
 
 # elements of one gathered (B, chunk, D) block of queue rows in the pairwise dots: 64 MB in fp32, few
 # enough chunks at MoCHi's sizes that kernel launches stay negligible
@@ -150,11 +150,7 @@ class MochiSettings(MethodSettings):
         return f"N={self.n_hard}, s={self.s}, s'={self.s_prime}, from epoch {self.start_epoch}"
 
     def check(self, queue_size: int) -> None:
-        if self.synthesises and self.n_hard < 2:
-            raise ValueError(f"synthetic negatives (mochi) need N >= 2, got N={self.n_hard}")
-        if self.n_hard > queue_size:
-            raise ValueError(f"--N {self.n_hard} hardest negatives cannot exceed the queue size "
-                             f"--queue-size {queue_size}")
+        check_hardest("mochi", "--N", self.n_hard, self.synthesises, queue_size)
 
     @property
     def synthesises(self) -> bool:

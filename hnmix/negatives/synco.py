@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import field_validator
 
 from hnmix.core.settings import setting
-from hnmix.negatives.base import Method, MethodSettings, Negatives, Strategy
+from hnmix.negatives.base import Method, MethodSettings, Negatives, Strategy, check_hardest
 
 SYNCO_TYPES = ("interpolation", "extrapolation", "mixup", "noise", "gradient", "adversarial")
 
@@ -108,11 +108,7 @@ class SyncoSettings(MethodSettings):
                 f"from epoch {self.start_epoch}")
 
     def check(self, queue_size: int) -> None:
-        if self.synthesises and self.n_hard < 2:
-            raise ValueError(f"synthetic negatives (synco) need N >= 2, got N={self.n_hard}")
-        if self.n_hard > queue_size:
-            raise ValueError(f"--synco-n {self.n_hard} hardest negatives cannot exceed the queue size "
-                             f"--queue-size {queue_size}")
+        check_hardest("synco", "--synco-n", self.n_hard, self.synthesises, queue_size)
 
     @property
     def synthesises(self) -> bool:
