@@ -65,6 +65,14 @@ class SettingsCommand(TyperCommand):
                               "options)", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        """Usage names the visible arguments only (a hidden catch-all stays out of it)."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not (param.param_type_name == "argument" and param.hidden):
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
     def format_options(self, ctx, formatter) -> None:
         sections: dict[str, list] = defaultdict(list)
         for param in self.get_params(ctx):
@@ -78,7 +86,7 @@ class SettingsCommand(TyperCommand):
         column = min(max(len(term) for records in sections.values() for term, _ in records) + 2, 32)
         for name, records in sorted(sections.items(), key=lambda kv: (kv[0] != "Arguments", kv[0] == OTHER)):
             panels = set(sections) - {"Arguments"}
-            heading = "Options" if panels == {OTHER} else name
+            heading = "Options" if name == OTHER and panels == {OTHER} else name
             formatter.write_paragraph()
             for line in textwrap.wrap(f"{heading}:", max(formatter.width - formatter.current_indent, 20)):
                 formatter.write(f"{' ' * formatter.current_indent}{line}\n")

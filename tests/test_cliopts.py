@@ -75,6 +75,17 @@ def test_errors_name_the_flag_the_user_typed_in_one_line(runner, args, named):
     assert len(err.splitlines()) == 1 and err.startswith("error:") and named in err, err
 
 
+def test_a_flag_shared_by_two_methods_fails_once(runner):
+    result = runner.invoke(app, ["pretrain", "--data", "demo", "--N", "-3"])
+    assert result.exit_code == 2 and result.stderr.count("--N:") == 1, result.stderr
+
+
+def test_help_lists_arguments_apart_and_usage_hides_the_catch_all(runner):
+    out = runner.invoke(app, ["analyze", "--help"]).stdout
+    assert out.splitlines()[0].strip().endswith("analyze [OPTIONS] {METRIC}")
+    assert out.count("Options:") <= 1 and "Arguments:" in out
+
+
 def test_errors_name_the_config_file_key(runner, tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("mochi:\n  s_prime: -2\n")

@@ -221,5 +221,7 @@ def format_validation_error(e: ValidationError, source: dict | None = None, cls=
         path = tuple(str(x) for x in err["loc"])
         where = (source or {}).get(path) or (cls and canonical_flag(cls, path)) or dotted(path)
         msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
+        part = f"{where}: {msg}" if where else msg
+        if part not in parts:  # a flag shared by two sections (--N) fails once, not twice
+            parts.append(part)
     return "invalid settings: " + "; ".join(parts)
