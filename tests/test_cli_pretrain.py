@@ -16,6 +16,17 @@ def invoke(runner, *args):
     return result
 
 
+def test_the_cards_example_runs(runner, tmp_path):
+    # the model card's command line, made small only by the flags appended after it
+    card = ["--method", "mochi", "--N", "1024", "--s", "1024", "--s-prime", "128"]
+    result = invoke(runner, *card, "--output", str(tmp_path / "run"), "--arch", "test_resnet", "--image-size",
+                    "32", "--batch-size", "8", "--max-steps", "2", "--mochi-start-epoch", "0", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (cfg["mochi"]["n_hard"], cfg["mochi"]["s"], cfg["mochi"]["s_prime"]) == (1024, 1024, 128)
+    assert cfg["queue_size"] == 65536 and cfg["data"] == "demo"
+
+
 def test_demo_run_writes_a_complete_run_directory(runner, tmp_path):
     out = tmp_path / "run"
     result = invoke(runner, "--data", "demo", "--output", str(out), *TINY, "--epochs", "1", "--max-steps", "6",
