@@ -165,10 +165,13 @@ def test_one_seed_gives_no_interval_and_says_so():
     assert stats.difference({0: 3.0}, {0: 1.0}).diff == 2.0
 
 
-def test_zero_spread_gives_a_zero_width_interval():
-    ci = stats.difference({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})
-    assert (ci.low, ci.high) == (1.0, 1.0) and not ci.within_noise and "zero width" in ci.note
-    assert stats.welch_interval([1.0, 1.0], [1.0, 1.0]).within_noise
+def test_zero_spread_gives_no_interval_not_a_zero_width_one():
+    # three paired differences that happen to be equal (a kNN accuracy moves in steps of 1/queries) say
+    # nothing about the noise: no "better"/"worse" verdict may come from them
+    for ci in (stats.difference({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0}),
+               stats.welch_interval([1.0, 1.0], [1.0, 1.0])):
+        assert not ci.has_interval and not ci.within_noise and "no spread" in ci.note
+    assert stats.difference({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0}).diff == 1.0
 
 
 # ------------------------------------------------------------------------------------------ claims
@@ -209,7 +212,7 @@ def test_claim_reproduced_within_noise_and_opposite_with_budget_caveat():
 
 
 def test_claim_prefers_the_linear_probe_and_matches_arms_on_the_other_settings():
-    grid = arms({"moco": [30, 31, 32], "mochi": [30, 31, 32]}, extra={"lr": "0.03"})
+    grid = arms({"moco": [30, 31, 32], "mochi": [30, 31.5, 31.5]}, extra={"lr": "0.03"})
     grid += arms({"moco": [30, 31, 32], "mochi": [40, 41, 42.5]}, extra={"lr": "0.06"})
     for arm in grid:
         arm.name += f"_lr-{arm.point['lr']}"
@@ -430,7 +433,7 @@ def test_grid_end_to_end(grid):
     report = json.loads((out / "compare.json").read_text())
     assert {p.name for p in out.glob("*.png")} == {"knn_by_epoch.png", "alignment_uniformity.png"}
     assert (out / "compare.md").read_text().startswith("# hnmix compare: cmp")
-    assert "## Claims of the seed papers" in (root / "results.md").read_text()
+    assert "### Claims of the seed papers" in (root / "results.md").read_text()
 
     runs = {r["name"]: r for r in report["runs"]}
     assert list(runs) == NAMES and not report["missing"]
@@ -461,6 +464,22 @@ def test_grid_end_to_end(grid):
     assert claims["mochi-in100"]["status"] == "not tested" and "needs ImageNet-100" in claims["mochi-in100"]["reason"]
     assert claims["mochi-uniformity"]["status"] in ("reproduced", "not reproduced")
     assert "budget: 2 epochs here, 100 in the paper" in claims["mochi-uniformity"]["caveats"]
+
+
+@pytest.mark.slow
+def test_results_doc_keeps_the_sections_of_other_grids(grid):
+    from hnmix.compare.report import results_doc
+
+    root, _, out, _ = grid
+    report = json.loads((out / "compare.json").read_text())
+    other = {**report, "settings": {**report["settings"], "output": "runs/other-grid"}, "dataset": "cifar10"}
+    doc = results_doc(other, (root / "results.md").read_text())  # a second grid: its section is added
+    assert doc.count("<!-- hnmix compare: ") == 2 and doc.index(str(out)) < doc.index("runs/other-grid")
+    stale = doc.replace("## cifar10:", "## cifar10 (stale):")
+    again = results_doc(other, stale)  # the second grid reruns: its section replaced, the first one kept
+    assert "(stale)" not in again and again.count("<!-- hnmix compare: ") == 2
+    assert again.split("<!-- hnmix compare: runs/other-grid")[0] == doc.split("<!-- hnmix compare: runs/other-grid")[0]
+    assert again.startswith("# Results: the seed papers' claims, rerun")
 
 
 @pytest.mark.slow

@@ -93,6 +93,9 @@ def t_quantile(p: float, df: float) -> float:
 # ------------------------------------------------------------------------------------------ intervals
 
 
+NO_SPREAD = "no spread (all {n} values equal): no interval"
+
+
 @dataclass(frozen=True)
 class Interval:
     """A difference (arm - baseline) and its confidence interval; low/high are None when none is possible."""
@@ -126,9 +129,10 @@ class Interval:
 
 
 def _t_interval(centre: float, se: float, df: float, kind: str, n: int, level: float) -> Interval:
+    if se == 0:  # equal values by chance (a quantised metric at a few seeds), not a noiseless measurement
+        return Interval(centre, None, None, kind, n, df, note=NO_SPREAD.format(n=n))
     half = t_quantile(0.5 + level / 2.0, df) * se
-    note = "no spread between seeds: the interval has zero width" if se == 0 else ""
-    return Interval(centre, centre - half, centre + half, kind, n, df, note)
+    return Interval(centre, centre - half, centre + half, kind, n, df)
 
 
 def mean_interval(values: list[float], level: float = LEVEL) -> Interval:
@@ -160,8 +164,7 @@ def welch_interval(arm: list[float], base: list[float], level: float = LEVEL) ->
     v1, v2 = sample_std(arm) ** 2 / n1, sample_std(base) ** 2 / n2
     se = math.sqrt(v1 + v2)
     if se == 0:
-        return Interval(diff, diff, diff, "welch", min(n1, n2), None,
-                        "no spread between seeds: the interval has zero width")
+        return Interval(diff, None, None, "welch", min(n1, n2), note=NO_SPREAD.format(n=n1 + n2))
     df = (v1 + v2) ** 2 / (v1**2 / (n1 - 1) + v2**2 / (n2 - 1))
     return _t_interval(diff, se, df, "welch", min(n1, n2), level)
 
