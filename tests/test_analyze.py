@@ -265,6 +265,22 @@ def test_split_missing_from_a_dataset_root_is_refused(runner, tmp_path):
     assert data["images"] == 12 and data["classes"] == 2 and data["source"].endswith("train")
 
 
+def test_default_split_is_the_held_out_one_val_else_test(runner, tmp_path):
+    # CIFAR-style roots hold train/ and test/: the default takes test/, as lineval and the kNN monitor do
+    root = tmp_path / "root"
+    write_brightness_split(root / "train", 6)
+    write_brightness_split(root / "test", 3)
+    w = str(save_hnmix_checkpoint(tmp_path / "last.pt", tiny_moco()))
+    result = run(runner, "uniformity", "-w", w, "--data", str(root), "-o", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "o" / "analysis.json").read_text())["data"]
+    assert data["split"] == "test" and data["images"] == 6 and data["source"].endswith("test")
+    (root / "val").mkdir()
+    write_brightness_split(root / "val", 2)
+    result = run(runner, "uniformity", "-w", w, "--data", str(root), "-o", str(tmp_path / "o2"))
+    assert json.loads((tmp_path / "o2" / "analysis.json").read_text())["data"]["split"] == "val"
+
+
 def test_bad_input(runner, tmp_path, toy):
     w = str(save_hnmix_checkpoint(tmp_path / "last.pt", tiny_moco()))
     backbone = str(save_backbone(tmp_path / "backbone.pt", tiny_moco()))

@@ -11,6 +11,8 @@ from hnmix.core.settings import Settings, setting
 from hnmix.data.demo import DEMO
 from hnmix.data.folder import check_data_path
 
+HELD_OUT = "held-out"  # the split lineval and the kNN monitor evaluate on: val/, else test/
+
 METRICS = ("uniformity", "alignment", "false-negatives", "hardness", "proxy-accuracy", "separation")
 NEEDS_LABELS = ("false-negatives", "separation")
 
@@ -21,7 +23,8 @@ class AnalyzeConfig(Settings):
     weights: list[str] = setting(..., flags=("--weights", "-w"), metavar="FILE", min_length=1, description="weights files to compare (hnmix checkpoint, "
                                "backbone.pt, official MoCo checkpoint); one plot series each")
     data: str = Field(..., description="'demo', an ImageFolder root, a root holding SPLIT/, or a flat folder")
-    split: str = Field("val", description="split of --data to use when it holds one (demo: train or val)")
+    split: str = Field(HELD_OUT, description="split of --data to use when it holds split folders; held-out = val/, "
+                       "else test/ (what lineval and the kNN monitor hold out); demo: train or val")
     features: Literal["head", "backbone"] = Field(
         "head", description="head: L2-normalised projection-head output (what the loss sees); backbone: the "
         "L2-normalised pooled backbone features")
@@ -66,7 +69,7 @@ class AnalyzeConfig(Settings):
 
     @model_validator(mode="after")
     def _demo_split(self) -> AnalyzeConfig:
-        if self.data == DEMO and self.split not in ("train", "val"):
+        if self.data == DEMO and self.split not in ("train", "val", HELD_OUT):
             raise ValueError(f"the demo dataset has the splits train and val, not '{self.split}'")
         return self
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from hnmix import __version__
 from hnmix.analyze import metrics as M
-from hnmix.analyze.config import NEEDS_LABELS, AnalyzeConfig
+from hnmix.analyze.config import HELD_OUT, NEEDS_LABELS, AnalyzeConfig
 from hnmix.analyze.encoders import Encoders, load_encoders, mochi_defaults
 from hnmix.analyze.plots import plot_all, series_labels
 from hnmix.core.device import autocast_dtype, resolve_device
@@ -38,6 +38,15 @@ from hnmix.negatives.mochi import draw_mochi, mochi_from_draws
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 PAIR_METRICS = ("alignment", "false-negatives", "hardness", "proxy-accuracy")
 EMPTY = torch.zeros(0, dtype=torch.uint8)
+
+
+def resolve_split(data: str, split: str) -> str:
+    """held-out -> val, or test on a root that has test/ but no val/ (CIFAR-style), as lineval."""
+    if split != HELD_OUT:
+        return split
+    if data != DEMO and not (Path(data) / "val").is_dir() and (Path(data) / "test").is_dir():
+        return "test"
+    return "val"
 
 
 def open_split(data: str, split: str):
@@ -134,7 +143,8 @@ class Analysis:
         self.cfg, self.console = cfg, console
         self.device = resolve_device(cfg.device)
         self.dtype = autocast_dtype(cfg.precision, self.device)
-        self.images = open_split(cfg.data, cfg.split)
+        self.split = resolve_split(cfg.data, cfg.split)
+        self.images = open_split(cfg.data, self.split)
         self.labelled = bool(self.images.classes) and min(self.images.labels) >= 0
         self.metrics = self._select_metrics()
         n = len(self.images)
@@ -303,7 +313,7 @@ class Analysis:
         plots = plot_all(self.metrics, results, out, t=self.cfg.t)
         report = {
             "metric": self.cfg.metric, "metrics": list(self.metrics),
-            "data": {"source": describe_source(self.images), "split": self.cfg.split, "images": len(self.indices),
+            "data": {"source": describe_source(self.images), "split": self.split, "images": len(self.indices),
                      "classes": len(self.images.classes) if self.labelled else None},
             "settings": self.cfg.model_dump(mode="json"),
             "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
