@@ -26,7 +26,7 @@ from hnmix.core.log import eval_progress
 from hnmix.data.augment import Normalize, PilAugment
 from hnmix.data.augment_settings import AugmentSettings
 from hnmix.data.demo import DEMO
-from hnmix.data.labelled import describe_source, eval_transform
+from hnmix.data.labelled import VAL_SPLITS, describe_source, eval_transform
 from hnmix.data.pretrain import open_images, sample_seed
 from hnmix.errors import HnmixError
 from hnmix.eval.features import make_loader
@@ -41,12 +41,11 @@ EMPTY = torch.zeros(0, dtype=torch.uint8)
 
 
 def resolve_split(data: str, split: str) -> str:
-    """held-out -> val, or test on a root that has test/ but no val/ (CIFAR-style), as lineval."""
+    """held-out -> the first of lineval's held-out splits the root has (val, else test), else val."""
     if split != HELD_OUT:
         return split
-    if data != DEMO and not (Path(data) / "val").is_dir() and (Path(data) / "test").is_dir():
-        return "test"
-    return "val"
+    present = [name for name in VAL_SPLITS if data != DEMO and (Path(data) / name).is_dir()]
+    return present[0] if present else VAL_SPLITS[0]
 
 
 def open_split(data: str, split: str):
