@@ -19,3 +19,4 @@ fi
 "$VENV/bin/python" -m pip install --quiet $TORCH_SPEC
 "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
 "$VENV/bin/python" -c "import torch, torchvision, timm; print('installed: torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)"
+echo "hnmix is in $VENV/bin: run 'source $VENV/bin/activate' to have it on your PATH"
