@@ -633,3 +633,19 @@ def test_without_monitor_knn_comes_from_lineval_and_agrees_and_the_probe_runs(gr
     launches = (run.dir / "eval.log").read_text().count("$ ")
     assert evaluate.final_knn(run, without) == knn and evaluate.lineval(run, "fast") == probe
     assert (run.dir / "eval.log").read_text().count("$ ") == launches, "cached: nothing launched again"
+
+
+def test_monitor_knn_counts_only_when_it_used_the_runs_eval_transform(tmp_path, demo_base, monkeypatch):
+    points = cross(parse_grid(["method=moco", "seed=0"], FIELDS, [], False))
+    (run,) = plan_runs(points, tmp_path / "cmp", str(demo_base), [])
+    assert run.config.eval_transform == "at-size"  # 16 px
+    records = [{"step": 1, "epoch": 1, "knn_top1": 40.0, "knn_top5": 90.0}]
+    monkeypatch.setattr(evaluate, "lineval", lambda run, protocol, python=None: {"top1": 1.0, "top5": 2.0,
+                                                                                 "source": f"lineval {protocol}"})
+    run.dir.mkdir(parents=True)
+    (run.dir / "config.yaml").write_text(yaml.safe_dump({"image_size": 16}))  # made before hnmix recorded it
+    assert evaluate.monitor_eval_transform(run) == "resize-crop"
+    assert evaluate.final_knn(run, records)["source"] == "lineval knn"
+    assert not any(d.startswith("eval_transform") for d in config_drift(run))  # re-measured, not refused
+    (run.dir / "config.yaml").write_text(yaml.safe_dump({"image_size": 16, "eval_transform": "at-size"}))
+    assert evaluate.final_knn(run, records) == {"top1": 40.0, "top5": 90.0, "source": "monitor"}
