@@ -14,7 +14,6 @@ from PIL import Image
 
 from hnmix.cli import app
 from hnmix.config import PretrainConfig
-from hnmix.data.augment import Normalize
 from hnmix.data.folder import ImageFiles
 from hnmix.data.labelled import choose_eval_transform, eval_transform
 from hnmix.eval.config import LinevalConfig
