@@ -649,3 +649,18 @@ def test_monitor_knn_counts_only_when_it_used_the_runs_eval_transform(tmp_path, 
     assert not any(d.startswith("eval_transform") for d in config_drift(run))  # re-measured, not refused
     (run.dir / "config.yaml").write_text(yaml.safe_dump({"image_size": 16, "eval_transform": "at-size"}))
     assert evaluate.final_knn(run, records) == {"top1": 40.0, "top5": 90.0, "source": "monitor"}
+
+
+def test_probe_moco_is_kept_apart_from_the_fast_probe(tmp_path, demo_base, monkeypatch):
+    from hnmix.compare.run import measure
+
+    (run,) = plan_runs(cross(parse_grid(["method=moco"], FIELDS, [], False)), tmp_path / "cmp", str(demo_base), [])
+    seen = []
+    monkeypatch.setattr(evaluate, "lineval", lambda run, protocol, python=None: seen.append(protocol) or {
+        "top1": {"knn": 1.0, "fast": 2.0, "moco": 3.0}[protocol], "top5": 9.0, "source": f"lineval {protocol}"})
+    for probe, key in (("fast", "probe_top1"), ("moco", "linear_top1")):
+        cfg = CompareConfig(config=str(demo_base), grid=["method=moco"], output=str(tmp_path / "cmp"), probe=probe)
+        metrics = measure(run, cfg)["metrics"]
+        other = ({"probe_top1", "linear_top1"} - {key}).pop()
+        assert metrics[key] == {"fast": 2.0, "moco": 3.0}[probe] and other not in metrics
+    assert seen == ["knn", "fast", "knn", "moco"]
