@@ -96,6 +96,23 @@ class PretrainBase(Settings):
     knn_every: int = setting(0, "run the kNN monitor every this many epochs (0 = off)", ge=0, panel=RUN)
     knn_data: str | None = setting(None, "kNN monitor data: 'demo' or a root holding train/ (bank) and val/ "
                                    "(queries); default: --data", metavar="DIR", panel=RUN)
+    eval_transform: Literal["auto", "at-size", "resize-crop"] = setting(
+        "auto", "how the kNN monitor, lineval and analyze see an image of this run: at-size = short side to "
+        "--image-size and centre crop (images already that size unchanged: MoCo's CIFAR-10 demo, solo-learn); "
+        "resize-crop = short side to 256/224 of it, centre crop (MoCo's ImageNet validation); auto = at-size up "
+        "to 64 px, else resize-crop. config.yaml records the choice", panel=RUN)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_eval_transform(cls, data):
+        """auto -> the choice for this image size, so config.yaml and checkpoints name what was used."""
+        if isinstance(data, dict) and data.get("eval_transform", "auto") == "auto":
+            from hnmix.data.labelled import choose_eval_transform
+
+            size = data.get("image_size", cls.model_fields["image_size"].default)
+            if isinstance(size, int):  # a bad value is reported by the field's own check
+                data = {**data, "eval_transform": choose_eval_transform(size)}
+        return data
 
     @field_validator("data", "knn_data")
     @classmethod

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from hnmix.cli import app
 from hnmix.compare import evaluate, stats
-from hnmix.compare.claims import CLAIMS, ArmData, judge
+from hnmix.compare.claims import CLAIMS, ArmData, GridBudget, judge
 from hnmix.compare.config import CompareConfig
 from hnmix.compare.grid import cross, parse_axis, parse_baseline, parse_grid
 from hnmix.compare.run import run_compare
@@ -192,22 +192,60 @@ def claim(claim_id):
 
 
 def test_claim_on_another_dataset_is_not_tested_but_shows_what_was_seen():
-    (v,) = judge(claim("mochi-in100"), arms({"moco": [30, 31, 32], "mochi": [33, 34, 35]}), "demo", 10)
+    (v,) = judge(claim("mochi-in100"), arms({"moco": [30, 31, 32], "mochi": [33, 34, 35]}), GridBudget("demo", 10))
     assert v["status"] == "not tested" and v["reason"].startswith("needs ImageNet-100 (this grid ran on demo)")
     assert "knn_top1 difference +3" in v["reason"]
 
 
-def test_claim_reproduced_within_noise_and_opposite_with_budget_caveat():
-    (v,) = judge(claim("mochi-in100"), arms({"moco": [30, 31, 32], "mochi": [33, 34.5, 35]}), "ImageNet-100", 10)
-    assert v["status"] == "reproduced" and "at 3 seeds (paper: +1.0)" in v["reason"]
-    assert "budget: 10 epochs here, 100 in the paper" in v["caveats"]
-    assert any("kNN top-1 stands in" in c for c in v["caveats"])
-    (v,) = judge(claim("mochi-in100"), arms({"moco": [30, 33, 32], "mochi": [31, 32, 34]}), "imagenet100", 100)
-    assert v["status"] == "not reproduced" and v["reason"].startswith("within noise: CI [")
-    assert v["reason"].endswith("contains 0 at 3 seeds") and not any("budget" in c for c in v["caveats"])
-    (v,) = judge(claim("mochi-in100"), arms({"moco": [33, 34.5, 35], "mochi": [30, 31, 32]}), "in100", 100)
-    assert v["status"] == "not reproduced" and v["reason"].startswith("opposite direction")
-    (v,) = judge(claim("mochi-in100"), arms({"moco": [30], "mochi": [33]}), "in100", 100)
+def linear(method_values: dict) -> list[ArmData]:
+    return arms(method_values, metric="linear_top1")
+
+
+CLEAR, NOISE, OPPOSITE = ({"moco": [30, 31, 32], "mochi": [33, 34.5, 35]}, {"moco": [30, 33, 32], "mochi": [31, 32, 34]},
+                          {"moco": [33, 34.5, 35], "mochi": [30, 31, 32]})
+
+
+@pytest.mark.parametrize("values, grid, status, shortfall", [
+    # below the paper's 100 epochs: indicative whatever the interval, the budget ratio named
+    (CLEAR, GridBudget("ImageNet-100", 4, "moco"), "indicative", ["4 of 100 epochs"]),
+    (NOISE, GridBudget("imagenet100", 99, "moco"), "indicative", ["99 of 100 epochs"]),
+    (OPPOSITE, GridBudget("in100", 1, "moco"), "indicative", ["1 of 100 epochs"]),
+    # at the budget but not the linear protocol: indicative
+    (CLEAR, GridBudget("ImageNet-100", 100, "none"), "indicative",
+     ["kNN top-1, not the paper's linear probe (compare --probe moco)"]),
+    (CLEAR, GridBudget("ImageNet-100", 200, "moco", max_steps=50), "indicative", ["runs capped at 50 steps"]),
+    # at (or above) the claim's budget and protocol: judged
+    (CLEAR, GridBudget("ImageNet-100", 100, "moco"), "reproduced", []),
+    (CLEAR, GridBudget("imagenet-100", 200, "moco"), "reproduced", []),
+    (NOISE, GridBudget("imagenet100", 100, "moco"), "not reproduced", []),
+    (OPPOSITE, GridBudget("in100", 100, "moco"), "not reproduced", []),
+])
+def test_verdicts_respect_the_claims_budget_and_protocol(values, grid, status, shortfall):
+    method_values = linear(values) if grid.probe == "moco" else arms(values)
+    (v,) = judge(claim("mochi-in100"), method_values, grid)
+    assert (v["status"], v["caveats"]) == (status, shortfall)
+    assert v["paper_epochs"] == 100 and v["protocol"] == "linear" and "Table 1" in v["budget_source"]
+    if values is CLEAR:
+        assert v["reason"].endswith("at 3 seeds (paper: +1.0)")
+        assert v["reason"].startswith("the claimed direction: " if status == "indicative" else "linear_top1 diff")
+    if values is NOISE:
+        assert v["reason"].startswith("within noise: CI [") and v["reason"].endswith("contains 0 at 3 seeds")
+    if values is OPPOSITE:
+        assert v["reason"].startswith("opposite direction")
+
+
+def test_every_claim_records_its_budget_protocol_and_source():
+    for c in CLAIMS:
+        assert c.protocol in ("linear", "features", "detection") and c.budget_source
+        assert c.paper_epochs is None or c.paper_epochs >= 100
+        assert (c.protocol == "linear") == (c.metric == "top1")
+    (v,) = judge(claim("ring-cifar"), linear({"moco": [30, 31, 32], "ring": [33, 34.5, 35]}),
+                 GridBudget("cifar10", 1000, "moco"))
+    assert v["status"] == "indicative" and v["caveats"] == ["1000 epochs; the paper's budget is not in the registry"]
+
+
+def test_one_seed_is_not_tested_at_any_budget():
+    (v,) = judge(claim("mochi-in100"), linear({"moco": [30], "mochi": [33]}), GridBudget("in100", 100, "moco"))
     assert v["status"] == "not tested" and "one seed per arm" in v["reason"]
 
 
@@ -216,37 +254,78 @@ def test_claim_prefers_the_linear_probe_and_matches_arms_on_the_other_settings()
     grid += arms({"moco": [30, 31, 32], "mochi": [40, 41, 42.5]}, extra={"lr": "0.06"})
     for arm in grid:
         arm.name += f"_lr-{arm.point['lr']}"
-        arm.values["probe_top1"] = arm.values["knn_top1"]
-    verdicts = judge(claim("mochi-in100"), grid, "imagenet-100", 100)
+        arm.values["linear_top1"] = arm.values["knn_top1"]
+        arm.values["probe_top1"] = {s: v - 50 for s, v in arm.values["knn_top1"].items()}
+    verdicts = judge(claim("mochi-in100"), grid, GridBudget("imagenet-100", 100, "moco"))
     assert [(v["arm"], v["reference"], v["status"]) for v in verdicts] == [
         ("method-mochi_lr-0.03", "method-moco_lr-0.03", "not reproduced"),
         ("method-mochi_lr-0.06", "method-moco_lr-0.06", "reproduced")]
-    assert all(v["metric"] == "probe_top1" and not v["caveats"] for v in verdicts)
+    assert all(v["metric"] == "linear_top1" and not v["caveats"] for v in verdicts)
+    for arm in grid:
+        del arm.values["linear_top1"]  # the fast probe next, before kNN: indicative, not judged
+    verdicts = judge(claim("mochi-in100"), grid, GridBudget("imagenet-100", 100, "fast"))
+    assert all(v["metric"] == "probe_top1" and v["status"] == "indicative" for v in verdicts)
+    assert "the fast probe" in verdicts[0]["caveats"][0]
 
 
-def test_property_claims_are_tested_on_any_data_and_thresholds_work():
+def test_property_claims_are_indicative_off_their_dataset_and_thresholds_work():
     (v,) = judge(claim("mochi-uniformity"), arms({"moco": [-1.40, -1.42, -1.41], "mochi": [-1.50, -1.51, -1.53]},
-                                                  metric="uniformity"), "demo", 10)
-    assert v["status"] == "reproduced"
+                                                  metric="uniformity"), GridBudget("demo", 10))
+    assert v["status"] == "indicative" and v["caveats"] == ["on demo, not ImageNet-100", "10 of 100 epochs"]
+    assert v["reason"].startswith("the claimed direction: uniformity difference -0.103")
     fn = claim("mochi-fn")
-    (v,) = judge(fn, arms({"mochi": [0.010, 0.012, 0.011]}, metric="mochi_fn"), "imagenet-100", 100)
+    at_budget = GridBudget("imagenet-100", 100)
+    (v,) = judge(fn, arms({"mochi": [0.010, 0.012, 0.011]}, metric="mochi_fn"), at_budget)
     assert v["status"] == "reproduced" and v["reference"] == "0.02" and "mochi_fn mean 0.011" in v["reason"]
-    (v,) = judge(fn, arms({"mochi": [0.030, 0.031, 0.029]}, metric="mochi_fn"), "imagenet-100", 100)
+    (v,) = judge(fn, arms({"mochi": [0.030, 0.031, 0.029]}, metric="mochi_fn"), at_budget)
     assert v["status"] == "not reproduced" and v["reason"].startswith("opposite direction")
-    (v,) = judge(fn, arms({"mochi": [0.010, 0.030]}, metric="mochi_fn"), "imagenet-100", 100)
+    (v,) = judge(fn, arms({"mochi": [0.010, 0.030]}, metric="mochi_fn"), at_budget)
     assert v["status"] == "not reproduced" and "contains the threshold 0.02 at 2 seeds" in v["reason"]
+    (v,) = judge(fn, arms({"mochi": [0.010, 0.012, 0.011]}, metric="mochi_fn"), GridBudget("imagenet-100", 20))
+    assert v["status"] == "indicative" and v["caveats"] == ["20 of 100 epochs"]
 
 
 def test_claims_the_grid_cannot_test():
     grid = arms({"moco": [30, 31], "mochi": [31, 32]})
-    (v,) = judge(claim("synco-moco"), grid, "imagenet", 200)
+    (v,) = judge(claim("synco-moco"), grid, GridBudget("imagenet", 200))
     assert v["status"] == "not tested" and v["reason"] == "the grid has no method=synco arm"
-    (v,) = judge(claim("mochi-voc"), grid, "imagenet", 200)
+    (v,) = judge(claim("mochi-voc"), grid, GridBudget("imagenet", 200))
     assert v["status"] == "not tested" and "PASCAL VOC detection transfer" in v["reason"]
-    (v,) = judge(claim("synco-mochi"), arms({"synco": [1, 2]}), "imagenet", 200)
+    (v,) = judge(claim("synco-mochi"), arms({"synco": [1, 2]}), GridBudget("imagenet", 200))
     assert v["reason"].startswith("the grid has no method=mochi arm beside method-synco")
-    (v,) = judge(claim("mochi-uniformity"), grid, "demo", 10)
+    (v,) = judge(claim("mochi-uniformity"), grid, GridBudget("demo", 10))
     assert v["status"] == "not tested" and v["reason"].startswith("no uniformity measured")
+
+
+# ------------------------------------------------------------------------------------------ multiplicity
+
+
+def test_holm_on_a_hand_computed_set():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.6]) == [1.0, 1.0] and stats.holm([0.02]) == [0.02] and stats.holm([]) == []
+
+
+def test_p_values_agree_with_the_intervals():
+    for df in (1, 2, 4, 30):
+        assert stats.two_sided_p(T_TABLE[df], df) == pytest.approx(0.05, abs=2e-4)  # the table's 3 decimals
+    ci = stats.paired_interval({0: 2.0, 1: 3.5, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 2.5})  # diffs 1, 1.5, 1.5
+    t = (4 / 3) / (statistics.stdev([1, 1.5, 1.5]) / math.sqrt(3))
+    assert ci.p == pytest.approx(2 * stats.t_cdf(-t, 2)) and ci.p < 0.05 and not ci.within_noise
+
+
+def test_better_or_worse_only_after_holm_over_the_family():
+    from hnmix.compare.report import judgement
+
+    diffs = [{"arm": f"a{i}", "baseline": "b", "metric": "knn_top1", "diff": 1.0, "low": 0.1, "high": 1.9,
+              "within_noise": False, "p": p} for i, p in enumerate([0.01, 0.04, 0.03, 0.005])]
+    diffs.append({"arm": "a4", "baseline": "b", "metric": "uniformity", "diff": 0.0, "low": None, "high": None,
+                  "within_noise": None, "p": None, "note": "one seed"})
+    stats.holm_family(diffs)
+    assert [d["p_holm"] for d in diffs[:4]] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [judgement(d) for d in diffs] == ["better", "within noise after Holm", "within noise after Holm", "better",
+                                             "no interval"]
+    assert diffs[4]["p_holm"] is None and {d["family"] for d in diffs} == {4}
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -462,8 +541,15 @@ def test_grid_end_to_end(grid):
     claims = {c["id"]: c for c in report["claims"]}
     assert set(claims) == {c.id for c in CLAIMS}
     assert claims["mochi-in100"]["status"] == "not tested" and "needs ImageNet-100" in claims["mochi-in100"]["reason"]
-    assert claims["mochi-uniformity"]["status"] in ("reproduced", "not reproduced")
-    assert "budget: 2 epochs here, 100 in the paper" in claims["mochi-uniformity"]["caveats"]
+    # 2 of the paper's 100 epochs, on other data: never judged, only indicative
+    assert claims["mochi-uniformity"]["status"] == "indicative"
+    assert "2 of 100 epochs" in claims["mochi-uniformity"]["caveats"]
+    assert not {c["status"] for c in claims.values()} & {"reproduced", "not reproduced"}
+    md = (out / "compare.md").read_text()
+    assert "**reproduced**" not in md and "**not reproduced**" not in md and "Holm–Bonferroni" in md
+    for method in ("moco", "mochi"):  # the per-seed values beside mean ± std
+        by_seed = arms[f"method-{method}"]["metrics"]["knn_top1"]["by_seed"]
+        assert by_seed == {str(s): runs[f"method-{method}_seed-{s}"]["metrics"]["knn_top1"] for s in (0, 1)}
 
 
 @pytest.mark.slow
@@ -547,3 +633,34 @@ def test_without_monitor_knn_comes_from_lineval_and_agrees_and_the_probe_runs(gr
     launches = (run.dir / "eval.log").read_text().count("$ ")
     assert evaluate.final_knn(run, without) == knn and evaluate.lineval(run, "fast") == probe
     assert (run.dir / "eval.log").read_text().count("$ ") == launches, "cached: nothing launched again"
+
+
+def test_monitor_knn_counts_only_when_it_used_the_runs_eval_transform(tmp_path, demo_base, monkeypatch):
+    points = cross(parse_grid(["method=moco", "seed=0"], FIELDS, [], False))
+    (run,) = plan_runs(points, tmp_path / "cmp", str(demo_base), [])
+    assert run.config.eval_transform == "at-size"  # 16 px
+    records = [{"step": 1, "epoch": 1, "knn_top1": 40.0, "knn_top5": 90.0}]
+    monkeypatch.setattr(evaluate, "lineval", lambda run, protocol, python=None: {"top1": 1.0, "top5": 2.0,
+                                                                                 "source": f"lineval {protocol}"})
+    run.dir.mkdir(parents=True)
+    (run.dir / "config.yaml").write_text(yaml.safe_dump({"image_size": 16}))  # made before hnmix recorded it
+    assert evaluate.monitor_eval_transform(run) == "resize-crop"
+    assert evaluate.final_knn(run, records)["source"] == "lineval knn"
+    assert not any(d.startswith("eval_transform") for d in config_drift(run))  # re-measured, not refused
+    (run.dir / "config.yaml").write_text(yaml.safe_dump({"image_size": 16, "eval_transform": "at-size"}))
+    assert evaluate.final_knn(run, records) == {"top1": 40.0, "top5": 90.0, "source": "monitor"}
+
+
+def test_probe_moco_is_kept_apart_from_the_fast_probe(tmp_path, demo_base, monkeypatch):
+    from hnmix.compare.run import measure
+
+    (run,) = plan_runs(cross(parse_grid(["method=moco"], FIELDS, [], False)), tmp_path / "cmp", str(demo_base), [])
+    seen = []
+    monkeypatch.setattr(evaluate, "lineval", lambda run, protocol, python=None: seen.append(protocol) or {
+        "top1": {"knn": 1.0, "fast": 2.0, "moco": 3.0}[protocol], "top5": 9.0, "source": f"lineval {protocol}"})
+    for probe, key in (("fast", "probe_top1"), ("moco", "linear_top1")):
+        cfg = CompareConfig(config=str(demo_base), grid=["method=moco"], output=str(tmp_path / "cmp"), probe=probe)
+        metrics = measure(run, cfg)["metrics"]
+        other = ({"probe_top1", "linear_top1"} - {key}).pop()
+        assert metrics[key] == {"fast": 2.0, "moco": 3.0}[probe] and other not in metrics
+    assert seen == ["knn", "fast", "knn", "moco"]

@@ -31,6 +31,10 @@ class AnalyzeConfig(Settings):
     arch: str | None = Field(None, description="timm architecture, for weights files that do not say it")
     cifar_stem: bool | None = Field(None, description="the weights have the CIFAR stem (files without config)")
     image_size: int | None = Field(None, ge=8, description="crop size (default: the checkpoint's, else 224)")
+    eval_transform: Literal["auto", "at-size", "resize-crop"] = Field(
+        "auto", description="the center-cropped view (uniformity, separation, class alignment): at-size = short "
+        "side to the crop size; resize-crop = to 256/224 of it; auto = what the run recorded at its own size, "
+        "else at-size up to 64 px (as lineval)")
     max_images: int = Field(10000, ge=2, description="analyse a fixed random subset of at most this many images")
     # metric parameters
     t: float = Field(2.0, gt=0, description="uniformity temperature t")

@@ -40,6 +40,7 @@ class Encoders:
     epoch: int | None
     config_source: str = "the checkpoint's"
     augment: AugmentSettings | None = None  # the run's augmentations (None: MoCo v2's)
+    eval_transform: str | None = None  # the eval transform the run recorded (None: not recorded)
 
 
 def official_to_hnmix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,7 +78,8 @@ def load_encoders(path: str | Path, features: str, arch: str | None = None,
                              f"use --features backbone")
         backbone.eval()
         return Encoders(weights.path, "backbone", arch, backbone, backbone, None, None, None, None,
-                        weights.config.get("image_size"), None, weights.config_source)
+                        weights.config.get("image_size"), None, weights.config_source,
+                        eval_transform=weights.config.get("eval_transform"))
 
     obj = load_torch_dict(path)
     if weights.source == CHECKPOINT_FORMAT:
@@ -105,7 +107,7 @@ def load_encoders(path: str | Path, features: str, arch: str | None = None,
         query, key, queue, labels = model.encoder_q.backbone, model.encoder_k.backbone, None, None
     augment = AugmentSettings.model_validate(cfg["augment"]) if "augment" in cfg else None
     return Encoders(weights.path, weights.source, arch, query, key, queue, labels, cfg.get("temperature"), mochi,
-                    cfg.get("image_size"), epoch, augment=augment)
+                    cfg.get("image_size"), epoch, augment=augment, eval_transform=cfg.get("eval_transform"))
 
 
 def mochi_defaults() -> dict:

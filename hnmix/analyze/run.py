@@ -26,7 +26,7 @@ from hnmix.core.log import eval_progress
 from hnmix.data.augment import Normalize, PilAugment
 from hnmix.data.augment_settings import AugmentSettings
 from hnmix.data.demo import DEMO
-from hnmix.data.labelled import VAL_SPLITS, describe_source, eval_transform
+from hnmix.data.labelled import VAL_SPLITS, choose_eval_transform, describe_source, eval_transform
 from hnmix.data.pretrain import open_images, sample_seed
 from hnmix.errors import HnmixError
 from hnmix.eval.features import make_loader
@@ -63,9 +63,9 @@ class AnalysisViews(Dataset):
     """(center-cropped view, augmented view 1, augmented view 2, label); views not asked for are empty."""
 
     def __init__(self, images, indices: list[int], size: int, seed: int, eval_view: bool, pair: bool,
-                 augment: AugmentSettings | None = None):
+                 augment: AugmentSettings | None = None, eval_choice: str = "auto"):
         self.images, self.indices, self.seed = images, indices, seed
-        self.eval_tf = eval_transform(size) if eval_view else None
+        self.eval_tf = eval_transform(size, eval_choice) if eval_view else None
         self.aug = PilAugment(augment, size) if pair else None  # the run's two views (default: MoCo v2's)
 
     def __len__(self) -> int:
@@ -176,6 +176,11 @@ class Analysis:
                                                       self.console)
         return self._sizes[enc.path]
 
+    def eval_choice(self, enc: Encoders) -> str:
+        size = self.image_size(enc)
+        return choose_eval_transform(size, self.cfg.eval_transform,
+                                     enc.eval_transform if enc.image_size == size else None)
+
     @torch.no_grad()
     def encode(self, enc: Encoders, progress, label: str) -> dict[str, torch.Tensor]:
         """Unit features: 'eval' (query encoder, center crop), 'q'/'q2' (query encoder, views 1/2), 'k' (key
@@ -184,7 +189,8 @@ class Analysis:
             "alignment" in self.metrics and self.labelled)
         pair = any(m in self.metrics for m in PAIR_METRICS)
         size = self.image_size(enc)
-        views = AnalysisViews(self.images, self.indices, size, self.cfg.seed, eval_view, pair, enc.augment)
+        views = AnalysisViews(self.images, self.indices, size, self.cfg.seed, eval_view, pair, enc.augment,
+                              self.eval_choice(enc))
         loader = make_loader(views, self.cfg.batch_size, self.cfg.workers, self.device)
         task = progress.add_task(f"encode {label}", total=len(loader), info="")
         out: dict[str, list] = {"eval": [], "q": [], "k": [], "q2": [], "labels": []}
@@ -304,7 +310,8 @@ class Analysis:
                 res = self.analyse(enc, self.encode(enc, progress, label))
                 results.append({"label": label, "weights": str(enc.path), "sha256": sha256_file(enc.path),
                                 "format": enc.source, "arch": enc.arch, "epoch": enc.epoch,
-                                "image_size": self.image_size(enc), **res})
+                                "image_size": self.image_size(enc), "eval_transform": self.eval_choice(enc),
+                                **res})
                 enc.query.cpu()
                 enc.key.cpu()
         out = Path(self.cfg.output)

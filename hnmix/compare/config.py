@@ -20,8 +20,9 @@ class CompareConfig(Settings):
                         "point (e.g. method-mochi_seed-1) and the report (compare.md, compare.json, PNGs)")
     baseline: str | None = setting(None, metavar="KEY=VALUE", description="the arm every other arm is compared with, e.g. "
                                  "method=moco; default: the first value of the first grid that is not seed")
-    probe: Literal["none", "fast"] = Field("none", description="also measure each run with the fast linear "
-                                           "probe (hnmix lineval --protocol fast)")
+    probe: Literal["none", "fast", "moco"] = Field(
+        "none", description="also measure each run with a linear probe: fast = hnmix lineval --protocol fast "
+        "(minutes); moco = --protocol moco, MoCo's linear classification (what linear top-1 claims need)")
     analyze: bool = setting(True, flags=("--analyze/--no-analyze",), description="measure alignment, uniformity and false-negative rates with "
                           "hnmix analyze all (one call for all runs: the same images and views for each)")
     analyze_sets: list[str] = setting([], flags=("--analyze-set",), metavar="KEY=VALUE", description="key=value settings for hnmix analyze, e.g. top_k=100 "

@@ -2,7 +2,9 @@
 probe, and alignment / uniformity / false negatives from one `hnmix analyze all` over every run.
 
 Evaluations run as subprocesses (their output goes to a log, not the console) and are cached: a result is
-reused while the sha256 of the run's last.pt matches the one recorded beside it.
+reused while the sha256 of the run's last.pt matches the one recorded beside it and it was measured with the
+run's eval transform (hnmix.data.labelled.choose_eval_transform). The monitor's kNN counts only when the
+monitor used that transform too (runs made before hnmix recorded it used resize-crop at every size).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 from hnmix.compare.runs import Run, last_line, launch
 from hnmix.errors import HnmixError
@@ -33,6 +37,14 @@ def eval_data(run: Run) -> str:
     return run.config.knn_data or run.config.data
 
 
+def monitor_eval_transform(run: Run) -> str:
+    """The eval transform the run's kNN monitor used: the one its config.yaml records; resize-crop for runs
+    of hnmix versions that did not record it (they used it at every size)."""
+    path = run.dir / "config.yaml"
+    saved = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return saved.get("eval_transform", "resize-crop")
+
+
 def final_monitor_knn(records: list[dict]) -> dict | None:
     """The monitor's result at the run's last step, if it measured there (epochs a multiple of knn_every)."""
     curve = knn_curve(records)
@@ -47,11 +59,11 @@ def lineval(run: Run, protocol: str, python: str = sys.executable) -> dict:
     weights, out = run.dir / "last.pt", run.dir / f"lineval-{protocol}"
     cached = out / "lineval.json"
     sha = sha256_file(weights)
-    if not (cached.is_file() and json.loads(cached.read_text())["weights"]["sha256"] == sha):
+    if not (cached.is_file() and _same_lineval(json.loads(cached.read_text()), sha, run.config.eval_transform)):
         cached.unlink(missing_ok=True)  # lineval refuses to overwrite another protocol only; this is ours
         cmd = [python, "-m", "hnmix", "lineval", "--weights", str(weights), "--protocol", protocol,
                "--data", eval_data(run), "--output", str(out), "--workers", str(run.config.workers),
-               "--device", run.config.device]
+               "--device", run.config.device, "--eval-transform", run.config.eval_transform]
         log = run.dir / "eval.log"
         if launch(cmd, log, what=f"lineval {protocol} of {run.name}") != 0:
             raise HnmixError(f"hnmix lineval --protocol {protocol} failed on {weights}: {last_line(log)} "
@@ -60,8 +72,14 @@ def lineval(run: Run, protocol: str, python: str = sys.executable) -> dict:
     return {"top1": report["top1"], "top5": report["top5"], "source": f"lineval {protocol}"}
 
 
+def _same_lineval(report: dict, sha: str, eval_choice: str) -> bool:
+    return report["weights"]["sha256"] == sha and report["hyperparameters"].get("eval_transform") == eval_choice
+
+
 def final_knn(run: Run, records: list[dict], python: str = sys.executable) -> dict:
-    return final_monitor_knn(records) or lineval(run, "knn", python)
+    """The monitor's last kNN when it used the run's eval transform, else `lineval --protocol knn`."""
+    monitor = final_monitor_knn(records) if monitor_eval_transform(run) == run.config.eval_transform else None
+    return monitor or lineval(run, "knn", python)
 
 
 def analysis_metrics(result: dict, method: str) -> dict:
@@ -86,7 +104,7 @@ def analyze(runs: list[Run], out: Path, sets: list[str], python: str = sys.execu
         target = out if len(by_data) == 1 else out.with_name(f"{out.name}-{i}")
         shas = {run.name: sha256_file(run.dir / "last.pt") for run in group}
         cached = _cached_results(target / "analysis.json")
-        if not all(sha in cached for sha in shas.values()):
+        if not all(cached.get(shas[r.name], {}).get("eval_transform") == r.config.eval_transform for r in group):
             weights = [str(r.dir / "last.pt") for r in group]
             cmd = [python, "-m", "hnmix", "analyze", "all", "--weights", *weights, "--data", data,
                    "--output", str(target), "--json", "--workers", str(group[0].config.workers),

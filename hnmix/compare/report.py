@@ -1,6 +1,7 @@
 """The comparison report: compare.json (everything), compare.md (for people), a standalone results page for
-the docs, and rich tables on the console. Every number is shown with its seed spread: mean +- sample std (n),
-and a difference is marked 'within noise' when its 95 % interval contains 0."""
+the docs, and rich tables on the console. Every number is shown with its seed spread: mean +- sample std (n)
+and the per-seed values. A difference keeps its raw 95 % interval ('within noise' when it contains 0); it is
+called better or worse only when its Holm-adjusted p over the family of arm x metric differences is < 0.05."""
 
 from __future__ import annotations
 
@@ -26,24 +27,28 @@ METRICS = (
     Metric("knn_top1", "kNN top-1", +1, 2),
     Metric("knn_top5", "kNN top-5", +1, 2),
     Metric("probe_top1", "probe top-1 (fast)", +1, 2),
+    Metric("linear_top1", "linear top-1 (MoCo protocol)", +1, 2),
     Metric("uniformity", "uniformity (lower = more uniform)", -1, 3),
     Metric("alignment", "alignment (lower = closer views)", -1, 3),
     Metric("fn_share", "FN share of hardest negatives", -1, 3),
     Metric("mochi_fn", "MoCHi mixes that are FN", -1, 4),
 )
 BY_KEY = {m.key: m for m in METRICS}
-CONSOLE_METRICS = ("knn_top1", "probe_top1", "uniformity", "alignment")
+CONSOLE_METRICS = ("knn_top1", "probe_top1", "linear_top1", "uniformity", "alignment")
+CONTROL = "Holm–Bonferroni"
 
 
 def fmt(key: str, value: float | None) -> str:
     return "—" if value is None else f"{value:.{BY_KEY[key].digits}f}"
 
 
-def fmt_summary(key: str, s: dict | None) -> str:
+def fmt_summary(key: str, s: dict | None, per_seed: bool = False) -> str:
+    """mean ± std (n), with per_seed the values themselves: (n=2: 31.20, 33.00)."""
     if not s:
         return "—"
     spread = f" ± {fmt(key, s['std'])}" if s["std"] is not None else ""
-    return f"{fmt(key, s['mean'])}{spread} (n={s['n']})"
+    values = ": " + ", ".join(fmt(key, v) for v in s["values"]) if per_seed else ""
+    return f"{fmt(key, s['mean'])}{spread} (n={s['n']}{values})"
 
 
 def fmt_diff(d: dict) -> str:
@@ -58,12 +63,19 @@ def fmt_interval(d: dict) -> str:
 
 
 def judgement(d: dict) -> str:
-    """within noise / better / worse, in the metric's own sense of better."""
+    """within noise / better / worse, in the metric's own sense of better; better or worse only when the
+    difference survives the family's multiple-comparison control."""
     if d["low"] is None:
         return "no interval"
     if d["within_noise"]:
         return "within noise"
+    if not d.get("significant"):
+        return "within noise after Holm"
     return "better" if d["diff"] * BY_KEY[d["metric"]].better > 0 else "worse"
+
+
+def fmt_p(p: float | None) -> str:
+    return "—" if p is None else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def shown_metrics(report: dict) -> list[Metric]:
@@ -91,35 +103,62 @@ def setup_lines(report: dict) -> list[str]:
             f"- budget{same}: {b['epochs']} epochs{cap}, global batch {b['batch_size']}, "
             f"{b['arch']} at {b['image_size']} px, data {b['data']} (dataset: {report['dataset']})",
             f"- grid: {grid}; {len(report['runs'])} of {report['planned']} runs finished; seeds {seeds}",
-            f"- baseline: {baseline}; differences are arm − baseline with a 95 % t-interval, paired by "
-            "seed when both arms have the same seeds, Welch otherwise; 'within noise' = the interval "
-            "contains 0", ""]
+            f"- baseline: {baseline}; differences are arm − baseline with a raw (unadjusted) 95 % t-interval, "
+            "paired by seed when both arms have the same seeds, Welch otherwise; 'within noise' = the interval "
+            "contains 0",
+            f"- multiple comparisons: better/worse is controlled with {CONTROL} over the family of "
+            f"{family_size(report)} arm × metric differences (family-wise error 5 %: a difference counts when "
+            "its Holm-adjusted p < 0.05); claims are judged only at the paper's dataset, epochs and protocol, "
+            "else 'indicative'", ""]
+
+
+def family_size(report: dict) -> int:
+    return sum(d.get("p") is not None for d in report["differences"])
 
 
 def arms_section(report: dict) -> list[str]:
     metrics = shown_metrics(report)
     rows = [[a["name"], ", ".join(map(str, a["seeds"])),
-             *(fmt_summary(m.key, a["metrics"].get(m.key)) for m in metrics)] for a in report["arms"]]
+             *(fmt_summary(m.key, a["metrics"].get(m.key), per_seed=True) for m in metrics)]
+            for a in report["arms"]]
     header = ["arm", "seeds", *(m.label for m in metrics)]
-    return ["## Arms: mean ± sample std over seeds (n)", "", *_table(header, rows)]
+    return ["## Arms: mean ± sample std over seeds (n: the per-seed values, in seed order)", "",
+            *_table(header, rows)]
 
 
 def differences_section(report: dict) -> list[str]:
     rows = [[f"{d['arm']} − {d['baseline']}", BY_KEY[d["metric"]].label, fmt_diff(d), fmt_interval(d),
-             d["kind"], judgement(d)] for d in report["differences"]]
+             d["kind"], fmt_p(d.get("p")), fmt_p(d.get("p_holm")), judgement(d)] for d in report["differences"]]
     if not rows:
         return ["## Differences to the baseline", "", "No arm to compare: the grid has one arm.", ""]
-    return ["## Differences to the baseline (95 % confidence interval)", "",
-            *_table(["arm − baseline", "metric", "difference", "95 % CI", "test", "verdict"], rows)]
+    return [f"## Differences to the baseline (raw 95 % confidence interval; verdict after {CONTROL})", "",
+            *_table(["arm − baseline", "metric", "difference", "95 % CI", "test", "p", "p (Holm)", "verdict"],
+                    rows)]
 
 
 def claims_section(report: dict) -> list[str]:
-    rows = [[c["text"], c["arm"] or "—", f"**{c['status']}**",
-             c["reason"] + "".join(f"; {x}" for x in c["caveats"])] for c in report["claims"]]
+    rows = [[c["text"], c["arm"] or "—", fmt_status(c), c["reason"], paper_terms(c)] for c in report["claims"]]
     sources = sorted({c["source"] for c in report["claims"]})
     return ["## Claims of the seed papers", "",
-            *_table(["claim", "arm", "verdict", "reason"], rows),
+            "A claim is judged (reproduced / not reproduced) only on its dataset, at the paper's epochs or more "
+            "and with its protocol; short of that it is indicative: the direction and interval seen, and what "
+            "falls short.", "",
+            *_table(["claim", "arm", "verdict", "what the grid saw", "the paper's terms (source)"], rows),
             "Sources: " + "; ".join(sources) + ".", ""]
+
+
+def fmt_status(c: dict) -> str:
+    """Only a judged verdict is bold; an indicative one names what falls short."""
+    if c["status"] in ("reproduced", "not reproduced"):
+        return f"**{c['status']}**"
+    if c["status"] == "indicative":
+        return "indicative (" + "; ".join(c["caveats"]) + ")"
+    return c["status"]
+
+
+def paper_terms(c: dict) -> str:
+    epochs = f"{c['paper_epochs']} epochs" if c.get("paper_epochs") else "epochs not recorded"
+    return f"{c['dataset']}, {epochs}, {c.get('protocol', '—')} ({c.get('budget_source', '—')})"
 
 
 def runs_section(report: dict) -> list[str]:
@@ -186,8 +225,9 @@ def write_files(report: dict, out: Path, results_doc_path: str | None) -> None:
 
 # ------------------------------------------------------------------------------------------ console
 
-STYLE = {"within noise": "yellow", "better": "green", "worse": "red", "no interval": "dim",
-         "reproduced": "green", "not reproduced": "red", "not tested": "dim"}
+STYLE = {"within noise": "yellow", "within noise after Holm": "yellow", "better": "green", "worse": "red",
+         "no interval": "dim", "reproduced": "bold green", "not reproduced": "bold red", "indicative": "yellow",
+         "not tested": "dim"}
 
 
 def print_console(report: dict, console: Console) -> None:
@@ -199,18 +239,20 @@ def print_console(report: dict, console: Console) -> None:
         arms.add_row(a["name"], *(fmt_summary(m.key, a["metrics"].get(m.key)) for m in metrics))
     console.print(arms)
     if report["differences"]:
-        diffs = Table(title="differences to the baseline, 95 % CI", title_justify="left")
-        for header in ("arm − baseline", "metric", "difference", "95 % CI", "verdict"):
+        diffs = Table(title=f"differences to the baseline, raw 95 % CI; verdict after {CONTROL} over "
+                            f"{family_size(report)} tests", title_justify="left")
+        for header in ("arm − baseline", "metric", "difference", "95 % CI", "p (Holm)", "verdict"):
             diffs.add_column(header)
         for d in report["differences"]:
             if d["metric"] in (m.key for m in metrics):
                 j = judgement(d)
                 diffs.add_row(f"{d['arm']} − {d['baseline']}", BY_KEY[d["metric"]].label.split(" (")[0],
-                              fmt_diff(d), fmt_interval(d), f"[{STYLE[j]}]{j}[/]")
+                              fmt_diff(d), fmt_interval(d), fmt_p(d.get("p_holm")), f"[{STYLE[j]}]{j}[/]")
         console.print(diffs)
     for c in report["claims"]:
         arm = f" ({c['arm']})" if c["arm"] else ""
-        text = escape(f"{c['text']}{arm} — {c['reason']}")
+        short = f" [{'; '.join(c['caveats'])}]" if c["status"] == "indicative" else ""
+        text = escape(f"{c['text']}{arm} — {c['reason']}{short}")
         console.print(f"[{STYLE[c['status']]}]{c['status']}[/]: {text}", highlight=False, soft_wrap=True)
     for m in report["missing"]:
         console.print("[yellow]missing:[/] " + escape(f"{m['name']}: {m['reason']}"), highlight=False,

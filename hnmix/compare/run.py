@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from hnmix import __version__
 from hnmix.compare import evaluate, plots
-from hnmix.compare.claims import ArmData, judge_all
+from hnmix.compare.claims import ArmData, GridBudget, judge_all
 from hnmix.compare.config import CompareConfig
 from hnmix.compare.grid import BUDGET_KEYS, Point, cross, parse_baseline, parse_grid
 from hnmix.compare.report import METRICS, print_console, write_files
@@ -26,13 +26,14 @@ from hnmix.compare.runs import (
     pretrain_command,
     shell_line,
 )
-from hnmix.compare.stats import difference, summary
+from hnmix.compare.stats import difference, holm_family, summary
 from hnmix.config import PretrainConfig
 from hnmix.core.log import eval_progress
 from hnmix.core.settings import setting_names
 from hnmix.data.demo import DEMO
 from hnmix.errors import HnmixError
 
+PROBE_KEYS = {"fast": "probe", "moco": "linear"}  # --probe -> metric key prefix
 BUDGET_SHOWN = ("epochs", "max_steps", "batch_size", "data", "arch", "image_size")
 CONTINUE = ("rerun the same command to continue: finished runs are skipped, an interrupted one resumes from "
             "last.pt")
@@ -74,15 +75,16 @@ def measure(run: Run, cfg: CompareConfig) -> dict:
     records = evaluate.read_records(run.dir)
     knn = evaluate.final_knn(run, records)
     metrics = {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
-    if cfg.probe == "fast":
-        probe = evaluate.lineval(run, "fast")
-        metrics.update(probe_top1=probe["top1"], probe_top5=probe["top5"])
+    if cfg.probe != "none":  # the fast probe's numbers and MoCo's protocol's are kept apart
+        probe, key = evaluate.lineval(run, cfg.probe), PROBE_KEYS[cfg.probe]
+        metrics.update({f"{key}_top1": probe["top1"], f"{key}_top5": probe["top5"]})
     return {"metrics": metrics, "knn_source": knn["source"], "curve": evaluate.knn_curve(records)}
 
 
 def measure_and_say(run: Run, cfg: CompareConfig, console: Console, tag: str) -> dict:
     m = measure(run, cfg)
-    probe = f"  probe top-1 {m['metrics']['probe_top1']:.2f}" if "probe_top1" in m["metrics"] else ""
+    probe = "".join(f"  {key} top-1 {m['metrics'][key + '_top1']:.2f}" for key in PROBE_KEYS.values()
+                    if key + "_top1" in m["metrics"])
     console.print(f"{tag}: kNN top-1 {m['metrics']['knn_top1']:.2f}  top-5 {m['metrics']['knn_top5']:.2f} "
                   f"({m['knn_source']}){probe}", highlight=False, soft_wrap=True)
     return m
@@ -188,7 +190,7 @@ def differences(arms: list[ArmData], baseline: dict[str, str]) -> list[dict]:
                 interval = difference(arm.values[metric.key], base.values[metric.key])
                 out.append({"arm": arm.name, "baseline": base.name, "metric": metric.key,
                             **interval.as_dict()})
-    return out
+    return holm_family(out)  # better/worse controlled over the family of arm x metric
 
 
 def missing_reason(run: Run) -> str:
@@ -211,10 +213,12 @@ def build_report(cfg: CompareConfig, runs: list[Run], records: list[dict], missi
         "runs": records, "missing": missing,
         "arms": [{"name": a.name, "point": a.point, "method": a.method,
                   "seeds": sorted(next(iter(a.values.values()))),
-                  "metrics": {k: summary([v[s] for s in sorted(v)]) for k, v in a.values.items()}}
+                  "metrics": {k: {**summary([v[s] for s in sorted(v)]), "by_seed": {str(s): v[s] for s in sorted(v)}}
+                              for k, v in a.values.items()}}
                  for a in arms],
         "differences": differences(arms, baseline),
-        "claims": judge_all(arms, dataset_name(cfg, runs[0]), epochs),
+        "claims": judge_all(arms, GridBudget(dataset_name(cfg, runs[0]), epochs, cfg.probe,
+                                             max(run.config.max_steps or 0 for run in runs) or None)),
         "plots": [],
     }
 

@@ -26,7 +26,7 @@ from hnmix.errors import HnmixError
 
 # settings that do not change what a run learns: a run made with other values still counts as the same run
 NOT_RESULTS = ("output", "resume", "workers", "save_every", "keep_every", "log_every", "pipeline",
-               "compile", "device")
+               "compile", "device", "eval_transform")  # eval_transform: how it is measured (evaluate.py)
 SIGNAL_NAMES = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
 
 

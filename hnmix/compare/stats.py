@@ -1,4 +1,5 @@
-"""Mean, sample std and 95 % confidence intervals of differences, with exact Student-t quantiles.
+"""Mean, sample std and 95 % confidence intervals of differences, with exact Student-t quantiles; two-sided
+p-values of the same t statistics, and Holm's step-down adjustment for a family of them.
 
 No scipy: the t distribution's CDF is the regularised incomplete beta function (continued fraction, as in
 Numerical Recipes 6.4), and its quantile is found by bisection on that CDF, which is monotone.
@@ -90,6 +91,23 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (low + high)
 
 
+def two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|): below 1 - level exactly when the level-interval excludes 0."""
+    return min(1.0, 2.0 * t_cdf(-abs(t), df))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order: the i-th smallest of m is multiplied by
+    m - i + 1 (i from 1), kept monotone and capped at 1. Rejecting where adjusted p < alpha keeps the chance of
+    any false rejection in the family below alpha, whatever the dependence between the tests."""
+    m = len(pvalues)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 # ------------------------------------------------------------------------------------------ intervals
 
 
@@ -107,6 +125,7 @@ class Interval:
     n: int  # pairs (paired), values (one-sample), or the smaller arm's seeds (welch, none)
     df: float | None = None
     note: str = ""
+    p: float | None = None  # two-sided p-value of "no difference" (the same t as the interval)
 
     @property
     def has_interval(self) -> bool:
@@ -125,14 +144,14 @@ class Interval:
     def as_dict(self) -> dict:
         return {"diff": self.diff, "low": self.low, "high": self.high, "kind": self.kind, "n": self.n,
                 "df": self.df, "within_noise": self.within_noise if self.has_interval else None,
-                "note": self.note}
+                "p": self.p, "note": self.note}
 
 
 def _t_interval(centre: float, se: float, df: float, kind: str, n: int, level: float) -> Interval:
     if se == 0:  # equal values by chance (a quantised metric at a few seeds), not a noiseless measurement
         return Interval(centre, None, None, kind, n, df, note=NO_SPREAD.format(n=n))
     half = t_quantile(0.5 + level / 2.0, df) * se
-    return Interval(centre, centre - half, centre + half, kind, n, df)
+    return Interval(centre, centre - half, centre + half, kind, n, df, p=two_sided_p(centre / se, df))
 
 
 def mean_interval(values: list[float], level: float = LEVEL) -> Interval:
@@ -174,3 +193,16 @@ def difference(arm: dict, base: dict, level: float = LEVEL) -> Interval:
     if set(arm) == set(base):
         return paired_interval(arm, base, level)
     return welch_interval(list(arm.values()), list(base.values()), level)
+
+
+def holm_family(diffs: list[dict], alpha: float = 1.0 - LEVEL) -> list[dict]:
+    """The differences (as_dict rows) with p_holm over the family of those that have a p-value, and
+    `significant` (p_holm < alpha); rows without an interval are not tests and stay out of the family."""
+    tested = [d for d in diffs if d.get("p") is not None]
+    for d, adjusted in zip(tested, holm([d["p"] for d in tested]), strict=True):
+        d["p_holm"], d["significant"] = adjusted, adjusted < alpha
+    for d in diffs:
+        d.setdefault("p_holm", None)
+        d.setdefault("significant", None)
+        d["family"] = len(tested)
+    return diffs

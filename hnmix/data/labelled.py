@@ -18,10 +18,37 @@ from hnmix.errors import HnmixError
 VAL_SPLITS = ("val", "test")  # CIFAR-style roots name their held-out split test/
 
 
-def eval_transform(size: int, resize_ratio: float = 256 / 224) -> T.Compose:
-    """Resize the short side to ratio x size, center-crop size (the MoCo/ImageNet validation transform)."""
+SMALL_IMAGES = 64  # pretraining sizes up to this are evaluated at their own size
+EVAL_TRANSFORMS = ("at-size", "resize-crop")
+
+
+def choose_eval_transform(size: int, choice: str = "auto", recorded: str | None = None) -> str:
+    """The one rule for how evaluation sees an image. An explicit choice wins, then the one the run recorded
+    (its config.yaml), else by size: small images (<= 64 px, CIFAR, STL at 64) at-size, as MoCo's CIFAR-10
+    demo and solo-learn evaluate them; larger ones resize-crop, MoCo's ImageNet validation transform."""
+    if choice != "auto":
+        return choice
+    if recorded in EVAL_TRANSFORMS:
+        return recorded
+    return "at-size" if size <= SMALL_IMAGES else "resize-crop"
+
+
+def eval_resize(size: int, choice: str) -> int:
+    """The short side before the centre crop: the size itself (at-size), or 256/224 of it (resize-crop)."""
+    return size if choice == "at-size" else round(size * 256 / 224)
+
+
+def describe_eval_transform(size: int, choice: str) -> str:
+    if choice == "at-size":
+        return f"at-size: short side to {size} px, centre crop {size} (unchanged when already {size} px)"
+    return f"resize-crop: short side to {eval_resize(size, choice)} px, centre crop {size} (MoCo's ImageNet val)"
+
+
+def eval_transform(size: int, choice: str = "auto") -> T.Compose:
+    """Short side to eval_resize, centre crop `size`, uint8 tensor (choice as choose_eval_transform)."""
+    choice = choose_eval_transform(size, choice)
     return T.Compose([
-        T.Resize(round(size * resize_ratio), antialias=True),
+        T.Resize(eval_resize(size, choice), antialias=True),
         T.CenterCrop(size),
         T.PILToTensor(),
     ])

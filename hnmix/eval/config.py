@@ -23,8 +23,10 @@ class LinevalConfig(Settings):
     train: str | None = Field(None, description="training images (ImageFolder), instead of --data")
     val: str | None = Field(None, description="validation images (ImageFolder), instead of --data")
     image_size: int | None = Field(None, ge=8, description="crop size (default: the checkpoint's, else 224)")
-    val_resize: float = Field(256 / 224, ge=1, description="val images: resize to this x crop size, then "
-                              "center-crop")
+    eval_transform: Literal["auto", "at-size", "resize-crop"] = Field(
+        "auto", description="evaluation images (val; knn and fast: train too): at-size = short side to the crop "
+        "size, centre crop; resize-crop = short side to 256/224 of it, centre crop; auto = what the run recorded "
+        "(its config.yaml) when evaluated at its own size, else at-size up to 64 px, resize-crop above")
     min_scale: float = Field(0.08, gt=0, le=1, description="moco protocol: RandomResizedCrop's smallest area")
     workers: int = Field(8, ge=0, description="data-loader worker processes")
     # what W holds when it carries no config
@@ -42,8 +44,8 @@ class LinevalConfig(Settings):
     knn_k: int = Field(200, ge=1, description="knn: neighbours")
     knn_t: float = Field(0.1, gt=0, description="knn: temperature of the exp(similarity / T) vote weights")
     # run
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="frozen forward precision; auto = "
-                                                       "bf16 on GPU, fp32 on CPU")
+    precision: Literal["fp32", "bf16", "auto"] = Field("fp32", description="frozen forward precision: fp32 "
+                                                       "as MoCo's protocol; bf16 (or auto = bf16 on GPU) when asked")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when available")
     seed: int = Field(0, description="seed of the classifier init and data order")
     output: str | None = setting(None, flags=("--output", "-o"), metavar="DIR", description="run directory (default runs/lineval-PROTOCOL)")

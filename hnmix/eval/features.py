@@ -11,7 +11,7 @@ from rich.progress import Progress
 from torch import nn
 
 from hnmix.core.dist import all_gather, rank_and_world
-from hnmix.data.labelled import Labelled
+from hnmix.data.labelled import Labelled, choose_eval_transform, eval_resize
 from hnmix.errors import HnmixError
 
 
@@ -55,23 +55,26 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-def resize_center_crop(x: torch.Tensor, size: int, resize_ratio: float = 256 / 224) -> torch.Tensor:
-    """eval_transform on a uint8 batch on the device: short side to ratio x size (antialiased bilinear, as
-    PIL's), then the central size x size crop; float in 0-255."""
+def resize_center_crop(x: torch.Tensor, size: int, short: int) -> torch.Tensor:
+    """eval_transform on a uint8 batch on the device: short side to `short` (antialiased bilinear, as PIL's;
+    nothing when it is already that size), then the central size x size crop; float in 0-255."""
     height, width = x.shape[-2:]
-    short = round(size * resize_ratio)
     scale = short / min(height, width)
     new = (max(short, round(height * scale)), max(short, round(width * scale)))
-    x = torch.nn.functional.interpolate(x.float(), size=new, mode="bilinear", antialias=True, align_corners=False)
+    x = x.float()
+    if new != (height, width):
+        x = torch.nn.functional.interpolate(x, size=new, mode="bilinear", antialias=True, align_corners=False)
     top, left = round((new[0] - size) / 2), round((new[1] - size) / 2)  # torchvision's CenterCrop
     return x[..., top:top + size, left:left + size].clamp(0, 255).round()
 
 
 @torch.no_grad()
 def extract_resident(model, images: torch.Tensor, labels: torch.Tensor, *, size: int, batch_size: int,
-                     normalize: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     normalize: nn.Module, dtype: torch.dtype | None = None,
+                     eval_choice: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) features and (N,) labels of device-resident uint8 images of one size (the eval transform done on
     the device), every rank extracting 1/world of them; rows in dataset order on every rank."""
+    short = eval_resize(size, choose_eval_transform(size, eval_choice))
     rank, world = rank_and_world()
     n = images.shape[0]
     mine = torch.tensor(rank_shard(n, rank, world, pad=world > 1), device=images.device)
@@ -80,7 +83,7 @@ def extract_resident(model, images: torch.Tensor, labels: torch.Tensor, *, size:
     feats = []
     try:
         for chunk in mine.split(batch_size):
-            x = normalize(resize_center_crop(images[chunk], size))
+            x = normalize(resize_center_crop(images[chunk], size, short))
             with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 feats.append(model(x).float())
     finally:

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from hnmix.core.dist import rank_and_world
-from hnmix.data.labelled import Labelled, eval_transform, open_train_val
+from hnmix.data.labelled import (
+    Labelled,
+    choose_eval_transform,
+    describe_eval_transform,
+    eval_transform,
+    open_train_val,
+)
 from hnmix.eval.features import extract_all_ranks, extract_features, extract_resident, rank_shard
 
 KNN_K = 200
@@ -55,15 +61,18 @@ class KnnMonitor:
     hit counts all-reduced, so the monitor costs 1/world of a single-process pass on each rank.
     """
 
-    def __init__(self, data: str, image_size: int, batch_size: int, workers: int):
+    def __init__(self, data: str, image_size: int, batch_size: int, workers: int, eval_choice: str = "auto"):
         self.bank_images, self.query_images = open_train_val(data, what="the kNN monitor (--knn-every)")
-        self.data, self.image_size, self.transform = data, image_size, eval_transform(image_size)
+        self.data, self.image_size = data, image_size
+        self.eval_choice = choose_eval_transform(image_size, eval_choice)
+        self.transform = eval_transform(image_size, self.eval_choice)
         self.batch_size, self.workers = batch_size, workers
         self.resident: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def describe(self, every: int) -> str:
         return (f"every {every} epochs on {self.data}: {len(self.bank_images)} bank / "
-                f"{len(self.query_images)} query images, k={KNN_K}, T={KNN_T}, backbone features")
+                f"{len(self.query_images)} query images, k={KNN_K}, T={KNN_T}, backbone features; "
+                f"{describe_eval_transform(self.image_size, self.eval_choice)}")
 
     def hold_on(self, device: torch.device, log=print, build: bool = True) -> bool:
         """Decode both splits once (the disk cache of hnmix.data.gpu_data) and keep them on the device, so each
@@ -84,7 +93,8 @@ class KnnMonitor:
     def __call__(self, backbone, normalize, device, dtype) -> dict:
         start = time.perf_counter()
         if self.resident is not None:
-            kw = dict(size=self.image_size, batch_size=self.batch_size, normalize=normalize, dtype=dtype)
+            kw = dict(size=self.image_size, batch_size=self.batch_size, normalize=normalize, dtype=dtype,
+                      eval_choice=self.eval_choice)
             (bank, bank_labels), (queries, labels) = (extract_resident(backbone, x, y, **kw) for x, y in self.resident)
             top1, top5 = topk_correct(knn_scores(bank, bank_labels, queries, len(self.bank_images.classes)), labels)
             n = len(labels)

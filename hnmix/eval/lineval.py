@@ -26,6 +26,8 @@ from hnmix.core.log import MetricsLog, eval_progress
 from hnmix.data.augment import Normalize
 from hnmix.data.labelled import (
     Labelled,
+    choose_eval_transform,
+    describe_eval_transform,
     describe_source,
     eval_transform,
     linear_train_transform,
@@ -132,6 +134,10 @@ class Lineval:
         self.num_classes = len(self.train_images.classes)
         self.image_size = choose_image_size(cfg.image_size, self.weights.config.get("image_size"),
                                             self.weights.config_source, console)
+        trained = self.weights.config
+        recorded = trained.get("eval_transform") if trained.get("image_size") == self.image_size else None
+        self.eval_choice = choose_eval_transform(self.image_size, cfg.eval_transform, recorded)
+        self.eval_tf = eval_transform(self.image_size, self.eval_choice)
         self.normalize = Normalize().to(self.device)
         self.out = cfg.run_dir
         self.extract_kw = dict(batch_size=cfg.batch_size, workers=cfg.workers, device=self.device,
@@ -156,7 +162,7 @@ class Lineval:
                         f"{self.backbone.num_features}-d features"),
             ("data", f"train {describe_source(self.train_images)}: {len(self.train_images)} images, val "
                      f"{describe_source(self.val_images)}: {len(self.val_images)} images, {self.num_classes} classes"),
-            ("images", f"{self.image_size} px; val: resize {round(self.image_size * cfg.val_resize)} + center crop"
+            ("images", f"{self.image_size} px; evaluation: {describe_eval_transform(self.image_size, self.eval_choice)}"
                        + (f"; train: RandomResizedCrop({cfg.min_scale}-1) + flip" if cfg.protocol == "moco" else "")),
         ]
         if cfg.protocol == "knn":
@@ -175,7 +181,7 @@ class Lineval:
 
     # ------------------------------------------------------------------ protocols
     def knn(self, progress) -> dict:
-        tf = eval_transform(self.image_size, self.cfg.val_resize)
+        tf = self.eval_tf
         bank, bank_labels = extract_features(self.backbone, Labelled(self.train_images, tf), progress=progress,
                                              description="train features", **self.extract_kw)
         queries, labels = extract_features(self.backbone, Labelled(self.val_images, tf), progress=progress,
@@ -185,7 +191,7 @@ class Lineval:
 
     def fast(self, progress, log) -> dict:
         cfg = self.cfg
-        tf = eval_transform(self.image_size, cfg.val_resize)
+        tf = self.eval_tf
         train_x, train_y = extract_features(self.backbone, Labelled(self.train_images, tf), progress=progress,
                                             description="train features", **self.extract_kw)
         val_x, val_y = extract_features(self.backbone, Labelled(self.val_images, tf), progress=progress,
@@ -206,7 +212,7 @@ class Lineval:
     def moco(self, progress, log) -> dict:
         cfg = self.cfg
         train_set = Labelled(self.train_images, linear_train_transform(self.image_size, cfg.min_scale))
-        val_set = Labelled(self.val_images, eval_transform(self.image_size, cfg.val_resize))
+        val_set = Labelled(self.val_images, self.eval_tf)
         loader = make_loader(train_set, cfg.batch_size, cfg.workers, self.device, shuffle=True,
                              generator=torch.Generator().manual_seed(cfg.seed))
         fc = linear_classifier(self.backbone.num_features, self.num_classes).to(self.device)
@@ -249,6 +255,7 @@ class Lineval:
                      "train_images": len(self.train_images), "val_images": len(self.val_images),
                      "classes": self.num_classes},
             "hyperparameters": {**cfg.model_dump(mode="json"), "image_size": self.image_size,
+                                "eval_transform": self.eval_choice,
                                 "effective_lr": effective_lr(cfg), "init_std": 0.01,
                                 "precision": str(self.dtype or "fp32").removeprefix("torch.")},
             "device": self.device.type, "elapsed_s": round(time.perf_counter() - start, 2),

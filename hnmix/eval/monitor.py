@@ -15,7 +15,8 @@ class KnnMonitorHook(Hook):
     def __init__(self, cfg):
         self.every = cfg.knn_every
         # opened now, so a missing val/ split fails before training starts
-        self.monitor = KnnMonitor(cfg.knn_data or cfg.data, cfg.image_size, cfg.batch_size, cfg.workers)
+        self.monitor = KnnMonitor(cfg.knn_data or cfg.data, cfg.image_size, cfg.batch_size, cfg.workers,
+                                  cfg.eval_transform)
 
     def header_rows(self) -> list[tuple[str, str]]:
         return [("kNN monitor", self.monitor.describe(self.every))]
