@@ -91,15 +91,16 @@ def test_forward_logits_layout_and_enqueue():
     model = tiny_moco(K=16, shuffle_keys=True, split=2)
     x_q, x_k = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     queue_before = model.queue.clone()
-    out = model(x_q, x_k, shuffle_generator=torch.Generator().manual_seed(0))
+    out = model(x_q, x_k, shuffle_generator=torch.Generator().manual_seed(0))  # the step's forward
     assert out.logits.shape == (4, 1 + 16)
     assert torch.isfinite(out.loss) and out.loss.requires_grad
     expected = F.cross_entropy(out.logits / 0.2, torch.zeros(4, dtype=torch.long))
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.logits[:, 1:], (F.normalize(model.encoder_q(x_q), dim=1) @ queue_before.T).detach(),
                                atol=1e-5, rtol=1e-5)
-    assert int(model.queue_ptr) == 4 and not torch.equal(model.queue[:4], queue_before[:4])
     out.loss.backward()
+    model.enqueue(out.keys, out.key_labels)  # as MocoStep: after the backward
+    assert int(model.queue_ptr) == 4 and not torch.equal(model.queue[:4], queue_before[:4])
     assert all(p.grad is None for p in model.encoder_k.parameters())
 
 
@@ -119,8 +120,8 @@ def test_cifar_stem_keeps_resolution_and_rejects_other_stems():
 def test_residual_init_is_timms_or_torchvisions_and_reaches_the_model():
     from rich.console import Console
 
-    from hnmix.config import PretrainConfig
-    from hnmix.train.loop import build_model
+    from hnmix.config import BatchNorm, PretrainConfig
+    from hnmix.train.build import build_model
 
     def last_bn_weights(model):
         return torch.cat([block.bn3.weight.detach() for block in model.modules() if hasattr(block, "bn3")])
@@ -134,7 +135,7 @@ def test_residual_init_is_timms_or_torchvisions_and_reaches_the_model():
         assert torch.equal(a, b) or key.endswith("bn3.weight"), key  # the same draws otherwise
     create_backbone("vit_tiny_patch16_224", zero_init_residual=False)  # a family without the option
     cfg = PretrainConfig(data="demo", arch="resnet50", batch_size=8, queue_size=32, zero_init_residual=False)
-    model = build_model(cfg, "plain", 1, 1, Console(quiet=True))
+    model = build_model(cfg, BatchNorm("plain"), 1, Console(quiet=True).print)
     assert (last_bn_weights(model.encoder_q) == 1).all()
 
 
@@ -145,12 +146,13 @@ def test_logits_and_loss_stay_fp32_under_bf16_autocast():
     queue_before = model.queue.clone()
     seen = {}
 
-    def spy(q, queue, l_neg):
+    def spy(q, queue, l_neg, *, generator, epoch):
         seen.update(q=q.dtype, l_neg=l_neg.dtype)
         return Negatives(extra=torch.full((4, 1), float("-inf")))  # a masked synthetic logit
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x_q, x_k, hard_negatives=spy)
+        out = model(x_q, x_k, strategy=spy)
+    model.enqueue(out.keys, out.key_labels)
     assert out.logits.dtype == out.loss.dtype == torch.float32 and seen == {"q": torch.float32, "l_neg": torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = model.encoder_q(x_q)
