@@ -1,7 +1,9 @@
 """The MoCo model's queue, pointer, momentum update, split BN and key shuffle against direct computations."""
 
 import copy
+import math
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -161,3 +163,64 @@ def test_logits_and_loss_stay_fp32_under_bf16_autocast():
     enqueued = model.queue[:4]
     torch.testing.assert_close(enqueued.norm(dim=1), torch.ones(4), atol=1e-6, rtol=0)
     assert torch.isnan(out.stats[3])  # the synthetic-logit mean skips -inf entries (here: all of them)
+
+
+def stats_trainer(tmp_path, strategy, oracle):
+    from hnmix.config import PretrainConfig
+    from hnmix.core import dist
+    from hnmix.train.trainer import Trainer
+
+    cfg = PretrainConfig(data="demo", arch="test_resnet", image_size=16, batch_size=8, queue_size=32, dim=16,
+                         workers=0, oracle_labels=oracle, device="cpu", output=str(tmp_path / "run"))
+    return Trainer(cfg, dist.setup("cpu"), steps_per_epoch=10, strategy=strategy)
+
+
+@pytest.mark.parametrize("parts", ["ring", "oracle", "mochi", "ring+oracle+mochi"])
+def test_training_stats_equal_a_naive_computation(tmp_path, parts):
+    """acc: the positive against the kept queue negatives only (MoCo's proxy accuracy); acc_syn: with the
+    synthetic negatives too; logit_neg: the mean of the kept queue logits; neg_kept: their share."""
+    from hnmix.models.moco import STAT_NAMES
+    from hnmix.negatives import mochi, ring_mask
+
+    seen = {}
+
+    def spy(q, queue, l_neg, *, generator, epoch):
+        keep = ring_mask(l_neg, outer=0.5, inner=0.125) if "ring" in parts else None
+        extra = None
+        if "mochi" in parts:  # MoCHi's mixes, and a logit of 1 (the largest cosine) beating every other positive
+            winner = torch.where(torch.arange(len(q)) % 2 == 0, 1.0, -1.0)[:, None] * (q * q).sum(1, keepdim=True)
+            extra = torch.cat([mochi(q, queue, l_neg, n_hard=8, s=4, s_prime=2, generator=generator), winner], 1)
+        seen.update(keep=keep, extra=extra)
+        return Negatives(extra=extra, keep=keep)
+
+    trainer = stats_trainer(tmp_path, spy, oracle="oracle" in parts)
+    torch.manual_seed(1)
+    labels = torch.arange(8) % 3
+    for _ in range(5):  # past the queue filling: labelled keys in every row (K = 32 = 4 batches of 8)
+        x = torch.randn(8, 3, 16, 16)
+        queue_labels = trainer.model.queue_labels.clone()
+        out, _ = trainer.train_step(x, x + 0.1 * torch.randn_like(x), labels, 100, 10)
+    stats = dict(zip(STAT_NAMES, out.stats.tolist(), strict=True))
+
+    logits = out.logits.double()
+    pos, negs = logits[:, 0], logits[:, 1:33]
+    keep = torch.ones(8, 32, dtype=torch.bool)
+    if "oracle" in parts:
+        keep &= queue_labels[None, :] != labels[:, None]
+    if seen["keep"] is not None:
+        keep &= seen["keep"]
+    assert 0 < keep.sum() and (keep.sum() < keep.numel()) == (parts != "mochi")  # a mask that masks
+    rows = [negs[b][keep[b]] for b in range(8)]
+    acc = sum(float(pos[b] >= rows[b].max()) for b in range(8)) / 8
+    assert stats["acc"] == pytest.approx(acc)
+    assert stats["logit_pos"] == pytest.approx(pos.mean().item(), abs=1e-6)
+    assert stats["logit_neg"] == pytest.approx(torch.cat(rows).mean().item(), abs=1e-6)
+    assert stats["neg_kept"] == pytest.approx(keep.double().mean().item())
+    if seen["extra"] is None:
+        assert math.isnan(stats["acc_syn"]) and math.isnan(stats["logit_syn"])
+        return
+    extra = logits[:, 33:]
+    assert extra.shape[1] == 4 + 2 + 1 and acc > 0
+    acc_syn = sum(float(pos[b] >= max(rows[b].max(), extra[b].max())) for b in range(8)) / 8
+    assert acc_syn < acc  # the winning column takes every other row
+    assert stats["acc_syn"] == pytest.approx(acc_syn)
