@@ -134,11 +134,11 @@ class MoCo(nn.Module):
             k, k_all = self.encode_keys(im_k, shuffle_generator)
             if self.symmetric:
                 k1, k1_all = self.encode_keys(im_q, shuffle_generator)
-        method = (strategy, generator, epoch)
-        logits, loss, stats = self.contrast(q, k, labels if oracle else None, *method)
+        negatives = (labels if oracle else None, strategy, generator, epoch)  # the same for both directions
+        logits, loss, stats = self.contrast(q, k, *negatives)
         labels_all = all_gather(labels) if labels is not None else None
         if self.symmetric:
-            _, loss2, stats2 = self.contrast(q2, k1, labels if oracle else None, *method)
+            _, loss2, stats2 = self.contrast(q2, k1, *negatives)
             loss, stats = (loss + loss2) / 2, (stats + stats2) / 2
             k_all = torch.cat([k1_all, k_all])
             labels_all = None if labels_all is None else labels_all.repeat(2)

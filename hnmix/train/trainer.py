@@ -19,6 +19,7 @@ from hnmix.core.device import autocast_dtype, enable_fast_kernels
 from hnmix.data.pretrain import sample_seed
 from hnmix.errors import HnmixError
 from hnmix.models.moco import MocoOutput, MocoStep
+from hnmix.negatives.base import Strategy
 from hnmix.train.build import batch_norm_for, build_model, build_strategy
 from hnmix.train.checkpoint import make_checkpoint, set_rng_state
 
@@ -44,7 +45,7 @@ class Trainer:
     build warnings and the resume)."""
 
     def __init__(self, cfg, info: dist.DistInfo, steps_per_epoch: int, console: Console | None = None,
-                 strategy=None):
+                 strategy: Strategy | None = None):
         self.cfg, self.info, self.steps_per_epoch = cfg, info, steps_per_epoch
         self.console = console or Console(quiet=not info.is_main)
         if cfg.batch_size % info.world:
