@@ -8,6 +8,7 @@ Precedence: field defaults < `--config FILE.yaml` < flags < `--set key=value` (`
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
@@ -21,6 +22,40 @@ from hnmix.negatives import METHODS, MOCO, Method
 
 DATA, MODEL, HN, OPTIM, RUN = "Data", "Model", "Hard negatives", "Optimisation", "Run directory and devices"
 AUGMENT = "Augmentations (--augment-preset fills what is not given; --augment-view2-* for the second view)"
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """--bn, parsed: the mode, and G of split:G (1 otherwise). The one reader of the flag's text."""
+
+    mode: Literal["auto", "shuffle", "split", "sync", "plain"]
+    groups: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> BatchNorm:
+        if text in ("auto", "shuffle", "sync", "plain"):
+            return cls(text)
+        if split := re.fullmatch(r"split:([1-9]\d*)", text):
+            return cls("split", int(split[1]))
+        raise ValueError(f"'{text}' is not one of shuffle, split:G (G >= 1), sync, plain, auto")
+
+    def __str__(self) -> str:
+        return f"split:{self.groups}" if self.mode == "split" else self.mode
+
+    def resolve(self, world: int, local_batch: int) -> BatchNorm:
+        """auto = shuffle BN across ranks, or on one process its split-BN emulation with sub-batches of at
+        least 32 (MoCo's 256 images over 8 GPUs) and at most 8 of them."""
+        if self.mode != "auto":
+            return self
+        if world > 1:
+            return BatchNorm("shuffle")
+        return BatchNorm("split", max([g for g in range(1, 9) if local_batch % g == 0 and local_batch // g >= 32]
+                                      or [1]))
+
+    @property
+    def shuffles_keys(self) -> bool:
+        """Whether the key encoder sees a permuted batch (shuffle BN, or its split-BN emulation)."""
+        return self.mode == "shuffle" or self.groups > 1
 
 
 class PretrainBase(Settings):
@@ -139,9 +174,7 @@ class PretrainBase(Settings):
     @field_validator("bn")
     @classmethod
     def _bn_mode(cls, v: str) -> str:
-        if v in ("auto", "shuffle", "sync", "plain") or re.fullmatch(r"split:[1-9]\d*", v):
-            return v
-        raise ValueError(f"'{v}' is not one of shuffle, split:G (G >= 1), sync, plain, auto")
+        return str(BatchNorm.parse(v))
 
     @field_validator("pipeline", mode="before")
     @classmethod
@@ -164,15 +197,16 @@ class PretrainBase(Settings):
         if self.queue_size % keys:
             raise ValueError(f"--queue-size K={self.queue_size} must be a multiple of the global batch size "
                              f"{self.batch_size} (--batch-size)" + (", twice it with --symmetric" if self.symmetric else ""))
-        if self.bn.startswith("split:") and self.batch_size % int(self.bn[6:]):
-            raise ValueError(f"--batch-size {self.batch_size} does not split into {self.bn[6:]} BN groups")
+        if self.batch_size % self.batch_norm.groups:
+            raise ValueError(f"--batch-size {self.batch_size} does not split into {self.batch_norm.groups} BN groups")
         if (options := self.method_settings) is not None:
             options.check(self.queue_size)
         return self
 
     @property
-    def bn_splits(self) -> int | None:
-        return int(self.bn[6:]) if self.bn.startswith("split:") else None
+    def batch_norm(self) -> BatchNorm:
+        """--bn as typed (auto not yet resolved: that needs the world size, BatchNorm.resolve)."""
+        return BatchNorm.parse(self.bn)
 
     @property
     def method_settings(self):

@@ -8,7 +8,7 @@ import pytest
 from helpers import write_images
 
 from hnmix.cli import app
-from hnmix.train.loop import Trainer
+from hnmix.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

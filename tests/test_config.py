@@ -52,3 +52,20 @@ def test_yaml_on_and_off_mean_the_choices_not_booleans(tmp_path):
     f.write_text("data_on_gpu: off\n")  # hnmix 0.1's name and values: DataLoader workers
     assert load_config(PretrainConfig, f).pipeline == "pil"
     assert load_config(PretrainConfig, None, None, ["data_on_gpu=on"]).pipeline == "resident"
+
+
+def test_bn_is_parsed_once_into_a_typed_spec():
+    from hnmix.config import BatchNorm
+
+    assert PretrainConfig(bn="split:4", batch_size=256).batch_norm == BatchNorm("split", 4)
+    assert [str(BatchNorm.parse(t)) for t in ("auto", "shuffle", "split:2", "sync", "plain")] == \
+        ["auto", "shuffle", "split:2", "sync", "plain"]
+    auto = BatchNorm("auto")  # one process: the most sub-batches (<= 8) of >= 32; several: shuffle BN
+    assert [auto.resolve(1, n) for n in (256, 96, 16)] == [BatchNorm("split", 8), BatchNorm("split", 3),
+                                                          BatchNorm("split", 1)]
+    assert auto.resolve(2, 128) == BatchNorm("shuffle") == BatchNorm("shuffle").resolve(1, 256)
+    assert [b.shuffles_keys for b in (BatchNorm("shuffle"), BatchNorm("split", 2), BatchNorm("split", 1),
+                                      BatchNorm("sync"), BatchNorm("plain"))] == [True, True, False, False, False]
+    for bad in ("split:", "split:01", "split:x", "shuffled"):
+        with pytest.raises(ValueError, match="is not one of"):
+            BatchNorm.parse(bad)

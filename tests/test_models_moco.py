@@ -1,7 +1,9 @@
 """The MoCo model's queue, pointer, momentum update, split BN and key shuffle against direct computations."""
 
 import copy
+import math
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -91,15 +93,16 @@ def test_forward_logits_layout_and_enqueue():
     model = tiny_moco(K=16, shuffle_keys=True, split=2)
     x_q, x_k = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     queue_before = model.queue.clone()
-    out = model(x_q, x_k, shuffle_generator=torch.Generator().manual_seed(0))
+    out = model(x_q, x_k, shuffle_generator=torch.Generator().manual_seed(0))  # the step's forward
     assert out.logits.shape == (4, 1 + 16)
     assert torch.isfinite(out.loss) and out.loss.requires_grad
     expected = F.cross_entropy(out.logits / 0.2, torch.zeros(4, dtype=torch.long))
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.logits[:, 1:], (F.normalize(model.encoder_q(x_q), dim=1) @ queue_before.T).detach(),
                                atol=1e-5, rtol=1e-5)
-    assert int(model.queue_ptr) == 4 and not torch.equal(model.queue[:4], queue_before[:4])
     out.loss.backward()
+    model.enqueue(out.keys, out.key_labels)  # as MocoStep: after the backward
+    assert int(model.queue_ptr) == 4 and not torch.equal(model.queue[:4], queue_before[:4])
     assert all(p.grad is None for p in model.encoder_k.parameters())
 
 
@@ -119,8 +122,8 @@ def test_cifar_stem_keeps_resolution_and_rejects_other_stems():
 def test_residual_init_is_timms_or_torchvisions_and_reaches_the_model():
     from rich.console import Console
 
-    from hnmix.config import PretrainConfig
-    from hnmix.train.loop import build_model
+    from hnmix.config import BatchNorm, PretrainConfig
+    from hnmix.train.build import build_model
 
     def last_bn_weights(model):
         return torch.cat([block.bn3.weight.detach() for block in model.modules() if hasattr(block, "bn3")])
@@ -134,7 +137,7 @@ def test_residual_init_is_timms_or_torchvisions_and_reaches_the_model():
         assert torch.equal(a, b) or key.endswith("bn3.weight"), key  # the same draws otherwise
     create_backbone("vit_tiny_patch16_224", zero_init_residual=False)  # a family without the option
     cfg = PretrainConfig(data="demo", arch="resnet50", batch_size=8, queue_size=32, zero_init_residual=False)
-    model = build_model(cfg, "plain", 1, 1, Console(quiet=True))
+    model = build_model(cfg, BatchNorm("plain"), 1, Console(quiet=True).print)
     assert (last_bn_weights(model.encoder_q) == 1).all()
 
 
@@ -145,12 +148,13 @@ def test_logits_and_loss_stay_fp32_under_bf16_autocast():
     queue_before = model.queue.clone()
     seen = {}
 
-    def spy(q, queue, l_neg):
+    def spy(q, queue, l_neg, *, generator, epoch):
         seen.update(q=q.dtype, l_neg=l_neg.dtype)
         return Negatives(extra=torch.full((4, 1), float("-inf")))  # a masked synthetic logit
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x_q, x_k, hard_negatives=spy)
+        out = model(x_q, x_k, strategy=spy)
+    model.enqueue(out.keys, out.key_labels)
     assert out.logits.dtype == out.loss.dtype == torch.float32 and seen == {"q": torch.float32, "l_neg": torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = model.encoder_q(x_q)
@@ -159,3 +163,64 @@ def test_logits_and_loss_stay_fp32_under_bf16_autocast():
     enqueued = model.queue[:4]
     torch.testing.assert_close(enqueued.norm(dim=1), torch.ones(4), atol=1e-6, rtol=0)
     assert torch.isnan(out.stats[3])  # the synthetic-logit mean skips -inf entries (here: all of them)
+
+
+def stats_trainer(tmp_path, strategy, oracle):
+    from hnmix.config import PretrainConfig
+    from hnmix.core import dist
+    from hnmix.train.trainer import Trainer
+
+    cfg = PretrainConfig(data="demo", arch="test_resnet", image_size=16, batch_size=8, queue_size=32, dim=16,
+                         workers=0, oracle_labels=oracle, device="cpu", output=str(tmp_path / "run"))
+    return Trainer(cfg, dist.setup("cpu"), steps_per_epoch=10, strategy=strategy)
+
+
+@pytest.mark.parametrize("parts", ["ring", "oracle", "mochi", "ring+oracle+mochi"])
+def test_training_stats_equal_a_naive_computation(tmp_path, parts):
+    """acc: the positive against the kept queue negatives only (MoCo's proxy accuracy); acc_syn: with the
+    synthetic negatives too; logit_neg: the mean of the kept queue logits; neg_kept: their share."""
+    from hnmix.models.moco import STAT_NAMES
+    from hnmix.negatives import mochi, ring_mask
+
+    seen = {}
+
+    def spy(q, queue, l_neg, *, generator, epoch):
+        keep = ring_mask(l_neg, outer=0.5, inner=0.125) if "ring" in parts else None
+        extra = None
+        if "mochi" in parts:  # MoCHi's mixes, and a logit of 1 (the largest cosine) beating every other positive
+            winner = torch.where(torch.arange(len(q)) % 2 == 0, 1.0, -1.0)[:, None] * (q * q).sum(1, keepdim=True)
+            extra = torch.cat([mochi(q, queue, l_neg, n_hard=8, s=4, s_prime=2, generator=generator), winner], 1)
+        seen.update(keep=keep, extra=extra)
+        return Negatives(extra=extra, keep=keep)
+
+    trainer = stats_trainer(tmp_path, spy, oracle="oracle" in parts)
+    torch.manual_seed(1)
+    labels = torch.arange(8) % 3
+    for _ in range(5):  # past the queue filling: labelled keys in every row (K = 32 = 4 batches of 8)
+        x = torch.randn(8, 3, 16, 16)
+        queue_labels = trainer.model.queue_labels.clone()
+        out, _ = trainer.train_step(x, x + 0.1 * torch.randn_like(x), labels, 100, 10)
+    stats = dict(zip(STAT_NAMES, out.stats.tolist(), strict=True))
+
+    logits = out.logits.double()
+    pos, negs = logits[:, 0], logits[:, 1:33]
+    keep = torch.ones(8, 32, dtype=torch.bool)
+    if "oracle" in parts:
+        keep &= queue_labels[None, :] != labels[:, None]
+    if seen["keep"] is not None:
+        keep &= seen["keep"]
+    assert 0 < keep.sum() and (keep.sum() < keep.numel()) == (parts != "mochi")  # a mask that masks
+    rows = [negs[b][keep[b]] for b in range(8)]
+    acc = sum(float(pos[b] >= rows[b].max()) for b in range(8)) / 8
+    assert stats["acc"] == pytest.approx(acc)
+    assert stats["logit_pos"] == pytest.approx(pos.mean().item(), abs=1e-6)
+    assert stats["logit_neg"] == pytest.approx(torch.cat(rows).mean().item(), abs=1e-6)
+    assert stats["neg_kept"] == pytest.approx(keep.double().mean().item())
+    if seen["extra"] is None:
+        assert math.isnan(stats["acc_syn"]) and math.isnan(stats["logit_syn"])
+        return
+    extra = logits[:, 33:]
+    assert extra.shape[1] == 4 + 2 + 1 and acc > 0
+    acc_syn = sum(float(pos[b] >= max(rows[b].max(), extra[b].max())) for b in range(8)) / 8
+    assert acc_syn < acc  # the winning column takes every other row
+    assert stats["acc_syn"] == pytest.approx(acc_syn)

@@ -21,6 +21,7 @@ def test_symmetric_loss_is_the_mean_of_both_directions_and_enqueues_both_keys():
     x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     out = model(x1, x2)
     out.loss.backward()
+    model.enqueue(out.keys, out.key_labels)  # as MocoStep does after the backward
 
     # the reference: one momentum update, then view 1 -> key of view 2 and view 2 -> key of view 1, each an
     # InfoNCE against the queue as it was before the step

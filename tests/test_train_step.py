@@ -11,7 +11,7 @@ from hnmix.config import PretrainConfig
 from hnmix.core import dist as distributed
 from hnmix.data.pretrain import RunBatches
 from hnmix.train.data import TrainingData
-from hnmix.train.loop import Trainer
+from hnmix.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -123,8 +123,9 @@ def test_compiled_encoders_give_the_eager_step(tmp_path):
     for _ in range(2):
         x_q, x_k = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
         outs = [model(x_q, x_k) for model in (eager, compiled)]
-        for out in outs:
+        for model, out in zip((eager, compiled), outs, strict=True):
             out.loss.backward()
+            model.enqueue(out.keys, out.key_labels)
         torch.testing.assert_close(outs[1].loss, outs[0].loss, atol=1e-5, rtol=1e-5)
         for p_eager, p_compiled in zip(eager.encoder_q.parameters(), compiled.encoder_q.parameters(), strict=True):
             torch.testing.assert_close(p_compiled.grad, p_eager.grad, atol=1e-5, rtol=1e-4)

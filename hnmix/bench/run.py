@@ -101,7 +101,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     from hnmix.data.pretrain import RunBatches
     from hnmix.negatives.mochi import strategy as mochi_strategy
     from hnmix.train.data import TrainingData
-    from hnmix.train.loop import Trainer
+    from hnmix.train.trainer import Trainer
 
     synthetic = cfg.data == SYNTHETIC
     info = dist.setup(cfg.device)
@@ -116,7 +116,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "arch": cfg.arch + (" + CIFAR stem" if cfg.cifar_stem else ""), "image_size": cfg.image_size,
         "batch_size": cfg.batch_size, "method": cfg.describe_method() + (" [naive]" if cfg.mochi_naive else ""),
         "queue_size": cfg.queue_size, "precision": str(trainer.dtype or "fp32").replace("torch.", ""),
-        "compiled": cfg.compile, "bn": trainer.bn_mode,
+        "compiled": cfg.compile, "bn": str(trainer.bn),
         "data": SYNTHETIC if synthetic else f"{cfg.data}: {data.description}",
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }

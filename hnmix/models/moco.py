@@ -1,4 +1,9 @@
-"""MoCo-v2 with pluggable hard negatives: the whole algorithm in one module (after MoCo's builder.py).
+"""MoCo-v2 with pluggable hard negatives, the whole step in one module (after MoCo's builder.py):
+
+    MoCo.forward    q = normalize(f_q(view_q)); momentum update of f_k; k = normalize(f_k(shuffled view_k)),
+                    unshuffled and all-gathered; logits = [q.k, q @ queue.T] + the method's synthetic logits,
+                    minus the entries it (or the label oracle) masks; InfoNCE
+    MocoStep        forward (through DDP), backward, enqueue the keys, SGD step
 
 Queue rows are unit keys (K, D); queue and pointer are persistent buffers, so they live in checkpoints.
 """
@@ -6,17 +11,15 @@ Queue rows are unit keys (K, D); queue and pointer are persistent buffers, so th
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hnmix.core.device import autocast
 from hnmix.core.dist import all_gather, rank_and_world
-
-# (q, queue, l_neg) -> hnmix.negatives.Negatives (extra logits and/or a mask of kept queue entries)
-HardNegatives = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
+from hnmix.negatives.base import Strategy
 
 
 def projection_head(in_dim: int, dim: int, mlp: bool) -> nn.Module:
@@ -55,12 +58,14 @@ class MocoOutput(NamedTuple):
     logits: torch.Tensor  # (B, 1 + K + S) before temperature; column 0 is the positive
     loss: torch.Tensor
     stats: torch.Tensor  # see STAT_NAMES
-    keys: tuple[torch.Tensor, torch.Tensor | None] | None = None  # to enqueue after the backward (enqueue=False)
+    keys: torch.Tensor  # all ranks' keys of this step, to enqueue after the backward
+    key_labels: torch.Tensor | None  # their labels (None: unknown)
 
 
-# instance-discrimination top-1 (kept negatives and synthetic ones count), mean positive / queue / synthetic
-# logit, share of queue negatives kept in the loss (Ring, oracle)
-STAT_NAMES = ("acc", "logit_pos", "logit_neg", "logit_syn", "neg_kept")
+# MoCo's proxy accuracy (the positive against the queue negatives kept in the loss), mean positive logit, mean
+# of the kept queue logits, mean synthetic logit, share of queue negatives kept (Ring, oracle), and the
+# accuracy with the synthetic negatives counted too (NaN: none this step)
+STAT_NAMES = ("acc", "logit_pos", "logit_neg", "logit_syn", "neg_kept", "acc_syn")
 
 
 class MoCo(nn.Module):
@@ -108,19 +113,19 @@ class MoCo(nn.Module):
         k_all = all_gather(k_shuffled)[torch.argsort(perm)]
         return k_all[rank * local:(rank + 1) * local], k_all
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, *, hard_negatives: HardNegatives | None = None,
-                labels: torch.Tensor | None = None, oracle: bool = False,
-                shuffle_generator: torch.Generator | None = None, enqueue: bool = True) -> MocoOutput:
-        """labels (B,) (-1 = unknown) are queued beside the keys; with oracle=True, queue entries of the
-        query's own class leave its loss and are not used to synthesise negatives.
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, *, strategy: Strategy | None = None,
+                labels: torch.Tensor | None = None, oracle: bool = False, generator: torch.Generator | None = None,
+                epoch: float = 0.0, shuffle_generator: torch.Generator | None = None) -> MocoOutput:
+        """The loss of one step against the queue as it is; the queue is not written (MocoStep enqueues the
+        returned keys after the backward, which needs the queue as the loss saw it).
+
+        labels (B,) (-1 = unknown) go with the keys; with oracle=True, queue entries of the query's own class
+        leave its loss and are not used to synthesise negatives. strategy gets `generator` and `epoch`.
 
         Symmetric: both views are queries against the other's key (two query and two key passes, the same
-        queue for both), the loss is the mean of the two directions, and both batches of keys are enqueued
+        queue for both), the loss is the mean of the two directions, and both batches of keys are returned
         (first view's, then second's), as MoCo's CIFAR-10 demo and lightly do; logits are the first
-        direction's.
-
-        enqueue=False leaves the queue as it is and returns the keys (`keys`) for `enqueue(*keys)` after the
-        backward: the queue the loss saw then needs no copy."""
+        direction's."""
         # normalised in fp32: CPU autocast would do it in bf16 (unit norms off by ~0.3 %) and enqueue that
         q = F.normalize(self.encoder_q(im_q).float(), dim=1)
         q2 = F.normalize(self.encoder_q(im_k).float(), dim=1) if self.symmetric else None
@@ -129,41 +134,87 @@ class MoCo(nn.Module):
             k, k_all = self.encode_keys(im_k, shuffle_generator)
             if self.symmetric:
                 k1, k1_all = self.encode_keys(im_q, shuffle_generator)
-        queue = self.queue.clone() if enqueue else self.queue  # autograd saved it: enqueue must not touch it
-        logits, loss, stats = self.contrast(q, k, queue, hard_negatives, labels, oracle)
+        negatives = (labels if oracle else None, strategy, generator, epoch)  # the same for both directions
+        logits, loss, stats = self.contrast(q, k, *negatives)
         labels_all = all_gather(labels) if labels is not None else None
         if self.symmetric:
-            _, loss2, stats2 = self.contrast(q2, k1, queue, hard_negatives, labels, oracle)
+            _, loss2, stats2 = self.contrast(q2, k1, *negatives)
             loss, stats = (loss + loss2) / 2, (stats + stats2) / 2
             k_all = torch.cat([k1_all, k_all])
             labels_all = None if labels_all is None else labels_all.repeat(2)
-        if not enqueue:
-            return MocoOutput(logits, loss, stats, (k_all, labels_all))
-        self.enqueue(k_all, labels_all)
-        return MocoOutput(logits, loss, stats)
+        return MocoOutput(logits, loss, stats, k_all, labels_all)
 
-    def contrast(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, hard_negatives: HardNegatives | None,
-                 labels: torch.Tensor | None, oracle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def contrast(self, q: torch.Tensor, k: torch.Tensor, oracle_labels: torch.Tensor | None,
+                 strategy: Strategy | None, generator: torch.Generator | None,
+                 epoch: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, InfoNCE loss, stats) of unit queries q against their keys k and the queue's negatives
-        (plus the method's synthetic ones, minus the entries it or the oracle masks)."""
+        (plus the method's synthetic ones, minus the entries it or the label oracle masks)."""
         with torch.autocast(q.device.type, enabled=False):  # logits and loss in fp32 whatever the autocast
             q32 = q.float()
             l_pos = (q32 * k.float()).sum(1, keepdim=True)
-            l_neg = q32 @ queue.T
-            keep = (self.queue_labels[None, :] != labels[:, None]) | (labels[:, None] < 0) if oracle else None
+            l_neg = q32 @ self.queue.T
+            keep = None
+            if oracle_labels is not None:  # unknown labels (-1) are never the query's class
+                keep = (self.queue_labels[None, :] != oracle_labels[:, None]) | (oracle_labels[:, None] < 0)
             parts = [l_pos, l_neg]
-            if hard_negatives is not None:
+            if strategy is not None:
                 visible = l_neg if keep is None else l_neg.masked_fill(~keep, float("-inf"))
-                extra, method_keep = hard_negatives(q32, queue, visible)
+                extra, method_keep = strategy(q32, self.queue, visible, generator=generator, epoch=epoch)
                 if method_keep is not None:
                     keep = method_keep if keep is None else keep & method_keep
                 if extra is not None:
                     parts.append(extra)
             logits = torch.cat(parts, dim=1)
             loss, z = contrastive_loss(logits, self.T, keep)
-        with torch.no_grad():
-            acc = (z.argmax(1) == 0).float().mean()
-            syn = finite_mean(parts[2]) if len(parts) > 2 else torch.full_like(acc, float("nan"))
-            kept = keep.float().mean() if keep is not None else torch.ones_like(acc)
-            stats = torch.stack([acc, l_pos.mean(), l_neg.mean(), syn, kept])
-        return logits, loss, stats
+        return logits, loss, contrast_stats(z, l_pos, l_neg, keep, parts[2] if len(parts) > 2 else None)
+
+
+@torch.no_grad()
+def contrast_stats(z: torch.Tensor, l_pos: torch.Tensor, l_neg: torch.Tensor, keep: torch.Tensor | None,
+                   extra: torch.Tensor | None) -> torch.Tensor:
+    """STAT_NAMES of one direction, on the device: z = the tempered, masked logits [pos, queue, synthetic]."""
+    queue_columns = 1 + l_neg.shape[1]
+    acc = (z[:, :queue_columns].argmax(1) == 0).float().mean()
+    nan = torch.full_like(acc, float("nan"))
+    if keep is None:
+        neg, kept = l_neg.mean(), torch.ones_like(acc)
+    else:
+        neg, kept = torch.where(keep, l_neg, 0).sum() / keep.sum(), keep.float().mean()
+    syn, acc_syn = (finite_mean(extra), (z.argmax(1) == 0).float().mean()) if extra is not None else (nan, nan)
+    return torch.stack([acc, l_pos.mean(), neg, syn, kept, acc_syn])
+
+
+class MocoStep:
+    """One optimisation step of the model: its forward (through the DDP wrapper `net` when there is one),
+    the backward, the enqueue of the step's keys, the SGD step. Nothing in it waits for the device.
+
+    Enqueueing after the backward lets the loss use the queue buffer itself (autograd saved it for
+    q @ queue.T): no K x D copy per step, as MoCo's builder.py makes with queue.clone()."""
+
+    def __init__(self, model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
+                 strategy: Strategy | None, oracle: bool, dtype: torch.dtype | None, device: torch.device,
+                 cudagraphs: bool = False):
+        self.model = self.net = model
+        self.optimizer, self.scaler, self.strategy, self.oracle = optimizer, scaler, strategy, oracle
+        self.dtype, self.device, self.cudagraphs = dtype, device, cudagraphs
+        self.shared_gen = torch.Generator(device=device)  # the same draws on every rank: the key shuffle
+        self.rank_gen = torch.Generator(device=device)  # this rank's draws: the synthetic negatives
+
+    def __call__(self, im_q: torch.Tensor, im_k: torch.Tensor, labels: torch.Tensor | None, *, lr: float,
+                 epoch: float, shared_seed: int, rank_seed: int) -> MocoOutput:
+        """One step on normalised device views at learning rate lr; epoch is fractional (for the strategy)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.shared_gen.manual_seed(shared_seed)
+        self.rank_gen.manual_seed(rank_seed)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step are free again
+        with autocast(self.device, self.dtype):
+            out = self.net(im_q, im_k, strategy=self.strategy, labels=labels, oracle=self.oracle,
+                           generator=self.rank_gen, epoch=epoch, shuffle_generator=self.shared_gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.model.enqueue(out.keys, out.key_labels)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return out

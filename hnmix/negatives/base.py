@@ -1,14 +1,15 @@
 """What every hard-negative method shares: its output (Negatives), and how it plugs in (Method).
 
 A method is one file: pure functions `(q, queue, l_neg, ...) -> logits or mask`, a settings model (its
-options, their flags and checks) and a `Method` record naming both; hnmix.negatives lists the records.
+options, their flags and checks), a `strategy(settings) -> Strategy` and a `Method` record naming them;
+hnmix.negatives lists the records. The MoCo step (hnmix.models.moco) calls the strategy once per query pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -20,8 +21,12 @@ class Negatives(NamedTuple):
     keep: torch.Tensor | None = None  # (B, K) bool: queue negatives that stay in the loss
 
 
-# (q, queue, l_neg, *, generator, epoch) -> Negatives; epoch is fractional (step / steps per epoch)
-Strategy = Callable[..., Negatives]
+class Strategy(Protocol):
+    def __call__(self, q: torch.Tensor, queue: torch.Tensor, l_neg: torch.Tensor, *, generator: torch.Generator,
+                 epoch: float) -> Negatives:
+        """q (B, D) unit fp32 queries, queue (K, D) unit keys, l_neg = q @ queue.T (B, K) with the label
+        oracle's same-class entries at -inf; generator: this rank's draws for this step; epoch: fractional
+        (step / steps per epoch). Must not wait for the device (no .item(), no tensors from Python data)."""
 
 
 class MethodSettings(Settings):

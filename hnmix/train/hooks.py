@@ -120,8 +120,8 @@ class MetricsHook(Hook):
     def _epoch_line(self, moment: Moment, record: dict) -> None:
         msg = (f"epoch {moment.epoch}/{self.epochs}  step {moment.step}  loss {record['loss']:.4f}  "
                f"acc {record['acc']:.3f}  {record['img_per_s']:.0f} img/s")
-        if not math.isnan(record.get("logit_syn", math.nan)):
-            msg += f"  syn logit {record['logit_syn']:.3f}"
+        if not math.isnan(record.get("logit_syn", math.nan)):  # acc counts the queue negatives only
+            msg += f"  syn logit {record['logit_syn']:.3f}  acc with syn {record['acc_syn']:.3f}"
         if self.skipped:
             msg += f"  [yellow]skipped {self.skipped} unreadable images[/]"
             self.skipped = 0
