@@ -119,7 +119,8 @@ def test_cifar_stem_keeps_resolution_and_rejects_other_stems():
         create_backbone("resnet18d", cifar_stem=True)
 
 
-def test_residual_init_is_timms_or_torchvisions_and_reaches_the_model():
+def test_residual_init_is_torchvisions_by_default_timms_on_request_and_reaches_the_model():
+    import torchvision
     from rich.console import Console
 
     from hnmix.config import BatchNorm, PretrainConfig
@@ -128,17 +129,22 @@ def test_residual_init_is_timms_or_torchvisions_and_reaches_the_model():
     def last_bn_weights(model):
         return torch.cat([block.bn3.weight.detach() for block in model.modules() if hasattr(block, "bn3")])
 
+    reference = last_bn_weights(torchvision.models.resnet50())  # official MoCo's backbone, its own init
     torch.manual_seed(0)
-    timm_init = create_backbone("resnet50")
+    default_init = create_backbone("resnet50")
     torch.manual_seed(0)
-    torchvision_init = create_backbone("resnet50", zero_init_residual=False)
-    assert (last_bn_weights(timm_init) == 0).all() and (last_bn_weights(torchvision_init) == 1).all()
-    for (key, a), b in zip(timm_init.state_dict().items(), torchvision_init.state_dict().values(), strict=True):
+    timm_init = create_backbone("resnet50", zero_init_residual=True)
+    assert torch.equal(last_bn_weights(default_init), reference)
+    assert (last_bn_weights(timm_init) == 0).all()
+    for (key, a), b in zip(timm_init.state_dict().items(), default_init.state_dict().values(), strict=True):
         assert torch.equal(a, b) or key.endswith("bn3.weight"), key  # the same draws otherwise
-    create_backbone("vit_tiny_patch16_224", zero_init_residual=False)  # a family without the option
-    cfg = PretrainConfig(data="demo", arch="resnet50", batch_size=8, queue_size=32, zero_init_residual=False)
+    create_backbone("vit_tiny_patch16_224", zero_init_residual=True)  # a family without the option
+    assert PretrainConfig(data="demo").zero_init_residual is False  # MoCo-v2 parity is the default
+    cfg = PretrainConfig(data="demo", arch="resnet50", batch_size=8, queue_size=32)
     model = build_model(cfg, BatchNorm("plain"), 1, Console(quiet=True).print)
-    assert (last_bn_weights(model.encoder_q) == 1).all()
+    assert torch.equal(last_bn_weights(model.encoder_q), reference)
+    cfg = cfg.model_copy(update={"zero_init_residual": True})
+    assert (last_bn_weights(build_model(cfg, BatchNorm("plain"), 1, Console(quiet=True).print).encoder_q) == 0).all()
 
 
 def test_logits_and_loss_stay_fp32_under_bf16_autocast():

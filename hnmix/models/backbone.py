@@ -21,11 +21,11 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-def create_backbone(arch: str, cifar_stem: bool = False, zero_init_residual: bool = True) -> nn.Module:
+def create_backbone(arch: str, cifar_stem: bool = False, zero_init_residual: bool = False) -> nn.Module:
     """A randomly initialised timm model without classifier: ``model(x)`` returns pooled features.
 
-    zero_init_residual=False gives the ResNet init of torchvision (and so of official MoCo): the last BN of
-    each residual branch starts at weight 1 instead of timm's 0. Families without that option ignore it.
+    The default is the ResNet init of torchvision (and so of official MoCo): the last BN of each residual
+    branch starts at weight 1; zero_init_residual=True gives timm's 0. Families without that option ignore it.
     """
     check_arch(arch)
     try:
