@@ -98,7 +98,7 @@ def build_backbone(
     from hnmix.models.backbone import create_backbone
 
     arch, stem = resolve_arch(weights, arch, cifar_stem)
-    model = create_backbone(arch, cifar_stem=stem)
+    model = create_backbone(arch, cifar_stem=stem, image_size=weights.config.get("image_size"))  # a ViT's size
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights.state_dict))
     unexpected = sorted(set(weights.state_dict) - set(expected))
