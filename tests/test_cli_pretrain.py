@@ -105,6 +105,15 @@ def test_a_vit_is_built_for_the_image_size(runner, tmp_path):
     assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 192)
 
 
+def test_a_resume_that_changes_a_switch_names_the_flag_typed(runner, tmp_path):
+    out = tmp_path / "r"
+    assert invoke(runner, "--data", "demo", "--output", str(out), *TINY, "--max-steps", "1").exit_code == 0
+    result = invoke(runner, "--data", "demo", "--output", str(out), *TINY, "--resume", str(out / "last.pt"),
+                    "--no-mlp")
+    assert_clean_error(result, "--no-mlp")
+    assert "(the checkpoint: --mlp)" in result.stderr and "mlp: True" not in result.stderr
+
+
 def test_empty_data_dir(runner, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     assert_clean_error(invoke(runner, "--data", str(tmp_path / "empty"), *TINY), "no images")

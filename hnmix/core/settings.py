@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +205,27 @@ def load_config(cls: type[Settings], config_file: str | Path | None = None, over
     return load_settings(cls, config_file, None, sets, values=values)
 
 
-def canonical_flag(cls: type[BaseModel], path: tuple[str, ...]) -> str | None:
+def switch_flags(field, decl: str) -> tuple[str, str | None]:
+    """(on, off) option strings of a boolean setting's flag: `--x/--no-x` unless declared as a pair
+    (`--mochi-naive/--mochi-fused`) or as an off-by-default plain switch (`--profile`: off is None)."""
+    on, _, off = decl.partition("/")
+    if off or (field_extra(field)["flags"] and field.default is False):
+        return on, off or None
+    return on, f"--no-{on.removeprefix('--')}"
+
+
+def canonical_flag(cls: type[BaseModel], path: tuple[str, ...], value: Any = None) -> str | None:
+    """The flag that sets path (its --set key if it has none); for a boolean setting and a value, the flag
+    that gives that value (mlp=False: `--no-mlp`)."""
     field = known_paths(cls).get(path)
     if field is None:
         return None
     extra = field_extra(field)
     if not extra["cli"] or extra["argument"]:
         return dotted(path)
-    return extra["flags"][0] if extra["flags"] else "--" + "-".join(path).replace("_", "-")
+    on, off = switch_flags(field, extra["flags"][0] if extra["flags"] else "--" + "-".join(path).replace("_", "-"))
+    is_switch = field.annotation is bool or bool in typing.get_args(field.annotation)  # bool, bool | None
+    return (off or on) if is_switch and value is False else on
 
 
 def format_validation_error(e: ValidationError, source: dict | None = None, cls=None) -> str:
@@ -219,7 +233,7 @@ def format_validation_error(e: ValidationError, source: dict | None = None, cls=
     parts = []
     for err in e.errors():
         path = tuple(str(x) for x in err["loc"])
-        where = (source or {}).get(path) or (cls and canonical_flag(cls, path)) or dotted(path)
+        where = (source or {}).get(path) or (cls and canonical_flag(cls, path, err.get("input"))) or dotted(path)
         msg = err["msg"].removeprefix("Value error, ")
         part = f"{where}: {msg}" if where else msg
         if part not in parts:  # a flag shared by two sections (--N) fails once, not twice
