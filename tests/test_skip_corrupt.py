@@ -84,3 +84,17 @@ def test_without_skip_corrupt_the_file_is_named(tmp_path, monkeypatch, name):
     with pytest.raises(CorruptImageError, match=f"({named})/img.png.*use --skip-corrupt"):
         source, _ = PIPELINES[name].open(images, setup)
         next(source(sampler))
+
+
+def test_the_rule_stops_when_nothing_is_left_to_replace_with():
+    from hnmix.data.pipelines.base import fill_batch
+    from hnmix.errors import HnmixError
+
+    readable = [False, True, False, True]
+
+    def load(slot, i):
+        return (i, None) if readable[i] else (None, f"cannot read image {i}")
+
+    assert fill_batch([0, 1], 4, load, skip_corrupt=True)[1:] == ([3, 1], [2, 0])  # 1 in the batch, 2 unreadable
+    with pytest.raises(HnmixError, match="no image left to replace unreadable 0"):
+        fill_batch([0, 1, 3], 4, load, skip_corrupt=True)

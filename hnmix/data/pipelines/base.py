@@ -86,8 +86,8 @@ def fill_batch(indices: Sequence[int], n: int, load: Callable[[int, int], Loaded
                 warnings.warn(f"skipping unreadable image {describe(current)}", stacklevel=2)
             current = next((j for j in candidates if j not in taken), None)
             if current is None:
-                raise HnmixError("no readable image left to replace an unreadable one: every readable image is "
-                                 "already in the batch")
+                raise HnmixError(f"no image left to replace unreadable {describe(index)}: every other one is "
+                                 "unreadable or already in its batch")
             passed += 1
             item, why = load(slot, current)
         taken.add(current)
