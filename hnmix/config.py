@@ -71,8 +71,8 @@ class PretrainBase(Settings):
         "that fit a quarter of a CUDA device's memory, decode for JPEG photos on CUDA, pil otherwise; the "
         "choice is saved in config.yaml and kept by a resumed run (--data-on-gpu on/off: hnmix 0.1's names for "
         "resident/pil)", flags=("--pipeline", "--data-on-gpu"), panel=DATA)
-    skip_corrupt: bool = setting(False, "replace an unreadable image by the next readable one not in its batch "
-                                 "(with that image's label; counted) instead of stopping", panel=DATA)
+    skip_corrupt: bool = setting(False, "replace unreadable images by the next one (counted) instead of stopping",
+                                 panel=DATA)
     augment: AugmentSettings = Field(default_factory=AugmentSettings, description=AUGMENT,
                                      json_schema_extra={"panel": AUGMENT})
     # model
