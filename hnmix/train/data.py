@@ -52,9 +52,10 @@ class TrainingData:
 
     def setup(self, auto: bool) -> Setup:
         cfg, info = self.cfg, self.info
-        return Setup(info.device, cfg.image_size, cfg.seed, cfg.channels_last, cfg.skip_corrupt, cfg.augment,
-                     self.workers, ignore_sigint_in_worker, cfg.compile, auto, info.local_rank, self.log,
-                     dist.barrier)
+        return Setup(info.device, cfg.image_size, cfg.seed, channels_last=cfg.channels_last,
+                     skip_corrupt=cfg.skip_corrupt, augment=cfg.augment, workers=self.workers,
+                     worker_init_fn=ignore_sigint_in_worker, compile=cfg.compile, auto=auto,
+                     local_rank=info.local_rank, log=self.log, barrier=dist.barrier)
 
     def batches(self, sampler: RunBatches) -> Iterator[Batch]:
         """(view_q, view_k, labels, skipped files) per step, normalised on the device."""
