@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, create_model, field_validator, model_validator
 
 from hnmix.core.settings import Settings, setting
-from hnmix.data.augment_settings import AugmentSettings
+from hnmix.data.augment.settings import AugmentSettings
 from hnmix.data.demo import DEMO
 from hnmix.data.folder import check_data_path
 from hnmix.errors import HnmixError

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, get_worker_info
 from torchvision import transforms as T
 
 from hnmix.data.folder import ImageFiles, load_rgb
-from hnmix.data.pretrain import RunBatches, TwoViews, sample_seed
+from hnmix.data.order import RunBatches, sample_seed
+from hnmix.data.pipelines.pil import TwoViews
 
 
 class OldTwoViews(TwoViews):
@@ -42,6 +43,9 @@ class OldTwoViews(TwoViews):
             T.RandomHorizontalFlip(),
             T.PILToTensor(),
         ])
+
+    def __getitems__(self, keys):  # the DataLoader fetches whole batches: one item at a time here
+        return [self[key] for key in keys]
 
     def __getitem__(self, key):
         index, epoch = key

@@ -9,7 +9,7 @@ milliseconds beside them. Pipelines:
   Normalize), loader Image.open().convert("RGB"), TwoCropsTransform;
 - old: hnmix before this change (torchvision's tensor GaussianBlur with a blur_kernel(size)-tap kernel,
   PILToTensor, one torch.random.fork_rng per sample);
-- new: hnmix.data.pretrain.TwoViews (decode once, Pillow stages, draws as the device pipeline).
+- new: hnmix.data.pipelines.pil.TwoViews (decode once, Pillow stages, draws as the device pipeline).
 Then the new pipeline's stages, timed one by one over the same images (decode, crop/resize, jitter,
 grayscale, blur, solarise, flip, to-tensor, and the parameter draw).
 """
@@ -27,10 +27,11 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
-from hnmix.data import augment as A
+from hnmix.data.augment import pil as A
+from hnmix.data.augment.draws import draw_uniforms
 from hnmix.data.folder import ImageFiles, decode, load_rgb
-from hnmix.data.gpu_augment import draw_uniforms
-from hnmix.data.pretrain import TwoViews, sample_seed
+from hnmix.data.order import sample_seed
+from hnmix.data.pipelines.pil import TwoViews
 
 
 class MocoBlur:
@@ -116,7 +117,7 @@ def new_hnmix(size: int, root: Path):
 
 
 def new_stages(size: int, paths: list[Path], costs: dict[str, float]) -> None:
-    """The new pipeline's steps (hnmix.data.augment.PilAugment.__call__ and render), each timed."""
+    """The new pipeline's steps (hnmix.data.augment.pil.PilAugment.__call__ and render), each timed."""
     augment = A.PilAugment(None, size)
     generator = torch.Generator()
 

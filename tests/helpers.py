@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hnmix.data import gpu_augment as G
-from hnmix.data.augment import make_pil_transform
-from hnmix.data.augment_settings import AugmentSettings
+from hnmix.data.augment import draws as D
+from hnmix.data.augment import tensor as G
+from hnmix.data.augment.pil import make_pil_transform
+from hnmix.data.augment.settings import AugmentSettings
 from hnmix.models.backbone import create_backbone
 from hnmix.models.moco import MoCo
 
@@ -129,7 +130,7 @@ def gpu_views(array: np.ndarray, size: int, n: int, settings: AugmentSettings | 
               seed: int = 0) -> torch.Tensor:
     """The same from the device pipeline, rounded to the PIL pipeline's uint8 levels."""
     images = torch.from_numpy(array).permute(2, 0, 1)[None].expand(n, -1, -1, -1).contiguous()
-    draws = G.draw_augment(n, generator=torch.Generator().manual_seed(seed))
+    draws = D.draw_augment(n, generator=torch.Generator().manual_seed(seed))
     params = G.aug_params((settings or AugmentSettings()).views(), torch.full((n,), view))
     return (G.augment(images, draws, size, params=params) * 255).round()
 

@@ -8,9 +8,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
-from hnmix.data import augment as A
-from hnmix.data import gpu_augment as G
-from hnmix.data.augment_settings import AugmentSettings, ViewAugment
+from hnmix.data.augment import draws as D
+from hnmix.data.augment import pil as A
+from hnmix.data.augment import tensor as G
+from hnmix.data.augment.settings import AugmentSettings, ViewAugment
 from hnmix.data.folder import can_draft, decode, open_image
 from hnmix.errors import CorruptImageError
 
@@ -36,8 +37,8 @@ def photo(width=64, height=48, seed=0) -> Image.Image:
 @pytest.mark.parametrize(("height", "width"), [(48, 64), (375, 500), (10, 200), (200, 10)])
 def test_crop_box_is_the_device_pipelines_crop(view, height, width):
     n = 500
-    uniforms = G.draw_uniforms(n, generator=torch.Generator().manual_seed(3))
-    draws = G.split_draws(uniforms)
+    uniforms = D.draw_uniforms(n, generator=torch.Generator().manual_seed(3))
+    draws = D.split_draws(uniforms)
     b = G.crop_boxes(torch.full((n,), height), torch.full((n,), width), draws, G.aug_params([view], torch.zeros(n).long()))
     device = torch.stack([b.left, b.top, b.left + b.width, b.top + b.height], 1).long().tolist()
     plans = A.plan_views(height, width, uniforms, [view] * n)
@@ -47,8 +48,8 @@ def test_crop_box_is_the_device_pipelines_crop(view, height, width):
 @pytest.mark.parametrize("view", SETTINGS)
 def test_plan_is_the_device_pipelines_jitter_blur_and_coin_flips(view):
     n = 2000
-    uniforms = G.draw_uniforms(n, generator=torch.Generator().manual_seed(4))
-    draws, params = G.split_draws(uniforms), G.aug_params([view], torch.zeros(n).long())
+    uniforms = D.draw_uniforms(n, generator=torch.Generator().manual_seed(4))
+    draws, params = D.split_draws(uniforms), G.aug_params([view], torch.zeros(n).long())
     plans = A.plan_views(32, 32, uniforms, [view] * n)
     factors, sigmas = G.jitter_factors(draws, params), G.blur_sigmas(draws, params)
     on = params.jitter_hi > params.jitter_lo
@@ -69,7 +70,7 @@ def test_plan_is_the_device_pipelines_jitter_blur_and_coin_flips(view):
 def test_a_view_is_torchvisions_pil_transforms_with_the_planned_parameters(seed):
     img = photo(seed=seed)
     view = AugmentSettings(preset="byol").views()[1].model_copy(update={"solarize_p": 0.5, "grayscale_p": 0.5})
-    uniforms = G.draw_uniforms(8, generator=torch.Generator().manual_seed(seed))
+    uniforms = D.draw_uniforms(8, generator=torch.Generator().manual_seed(seed))
     for plan in A.plan_views(img.height, img.width, uniforms, [view] * 8):
         left, top, right, bottom = plan.box
         expected = TF.resized_crop(img, top, left, bottom - top, right - left, [24, 24],
@@ -138,7 +139,7 @@ def test_reduced_decoding_gives_nearly_the_full_decodings_views(tmp_path):
     augment = A.PilAugment(AugmentSettings(crop_scale=(0.6, 1.0)), 96)
     for seed in range(4):
         generator = torch.Generator().manual_seed(seed)
-        plans = A.plan_views(600, 800, G.draw_uniforms(2, generator=generator), augment.views)
+        plans = A.plan_views(600, 800, D.draw_uniforms(2, generator=generator), augment.views)
         scale = A.draft_scale(plans, 96, open_image(path))
         assert scale >= 2  # crops of >= 0.6 x 480000 px: >= 4 x 96 px a side
         reduced = decode(open_image(path), scale)

@@ -11,9 +11,9 @@ import yaml
 from helpers import OFF, PIPELINES
 from pydantic import ValidationError
 
-from hnmix.data.augment_settings import PRESETS, AugmentSettings, ViewAugment
-from hnmix.data.gpu_data import Decoded, DeviceBatches
-from hnmix.data.pretrain import RunBatches
+from hnmix.data.augment.settings import PRESETS, AugmentSettings, ViewAugment
+from hnmix.data.order import RunBatches
+from hnmix.data.pipelines.resident import Decoded, ResidentBatches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -214,7 +214,7 @@ def test_device_batches_give_keys_the_second_views_settings():
     images = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     decoded = Decoded(images, torch.tensor([[12, 12]] * 8), torch.zeros(8, dtype=torch.long), [])
     settings = only(view2={"grayscale_p": 1.0})
-    source = DeviceBatches(decoded, [0] * 8, torch.device("cpu"), 12, seed=0, channels_last=False, augment=settings)
+    source = ResidentBatches(decoded, [0] * 8, torch.device("cpu"), 12, seed=0, channels_last=False, augment=settings)
     q, k, _, _ = next(source(RunBatches(8, 4, 0, 1, seed=0, epochs=1)))
     k = k * source.augment.std + source.augment.mean
     q = q * source.augment.std + source.augment.mean

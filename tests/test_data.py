@@ -6,9 +6,10 @@ import torch
 from helpers import write_images
 from PIL import Image
 
-from hnmix.data.augment_settings import AugmentSettings
-from hnmix.data.folder import ImageFiles, scan_images
-from hnmix.data.pretrain import RunBatches, TwoViews, open_images
+from hnmix.data.augment.settings import AugmentSettings
+from hnmix.data.folder import ImageFiles, open_images, scan_images
+from hnmix.data.order import RunBatches
+from hnmix.data.pipelines.pil import TwoViews
 from hnmix.errors import CorruptImageError, HnmixError
 
 

@@ -1,4 +1,4 @@
-"""GPU JPEG decoding, run on the CPU (the same code, libjpeg for nvjpeg): views against gpu_augment on
+"""GPU JPEG decoding, run on the CPU (the same code, libjpeg for nvjpeg): views against the tensor ops on
 PIL-decoded images and against the PIL pipeline in distribution, images of mixed sizes in one batch, every
 kind of awkward file, determinism across resuming and ranks, the feed measurement and auto's choice.
 Tests marked with DEVICES also run on CUDA where there is one (nvjpeg: close to PIL, not equal)."""
@@ -13,13 +13,17 @@ from helpers import assert_same_distribution
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from hnmix.data import feed, gpu_decode
-from hnmix.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from hnmix.data.encoded import EncodedFiles, collate_encoded, device_decodable, read_encoded
+from hnmix.bench.feed import measure_feed
+from hnmix.data.augment.draws import draw_augment
+from hnmix.data.augment.settings import IMAGENET_MEAN, IMAGENET_STD
+from hnmix.data.augment.tensor import augment, crop_views
 from hnmix.data.folder import ImageFiles, load_rgb
-from hnmix.data.gpu_augment import augment, crop_views, draw_augment
-from hnmix.data.gpu_decode import DECODE_STREAM, DecodeBatches, crop_each
-from hnmix.data.pretrain import RunBatches, TwoViews, sample_seed
+from hnmix.data.order import DECODE_DRAWS, RunBatches, sample_seed
+from hnmix.data.pipelines import auto
+from hnmix.data.pipelines import decode as decode_pipeline
+from hnmix.data.pipelines.decode import DecodeBatches, crop_each
+from hnmix.data.pipelines.encoded import EncodedFiles, collate_encoded, device_decodable, read_encoded
+from hnmix.data.pipelines.pil import PilBatches, TwoViews
 from hnmix.errors import CorruptImageError
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),  # torchvision 0.29 warns on every decode call
@@ -75,7 +79,7 @@ def test_views_are_gpu_augment_of_the_pil_decoded_images(tmp_path):
     for (step, epoch, lo), (q, k, labels, skipped) in zip(sampler.positions(), steps, strict=True):
         order = sampler.epoch_order(epoch)[lo:lo + 8].tolist()
         assert labels.tolist() == [images.labels[i] for i in order] and skipped.tolist() == [0] * 8
-        draws = draw_augment(16, generator=torch.Generator().manual_seed(sample_seed(0, step, DECODE_STREAM)))
+        draws = draw_augment(16, generator=torch.Generator().manual_seed(sample_seed(0, step, DECODE_DRAWS)))
         for p, i in enumerate(order):  # each image alone, from PIL, through the combined augment()
             pixels = pil_to_tensor(load_rgb(images.paths[i]))[None]
             expected = normalize(augment(pixels, draws.take(torch.tensor([p, 8 + p])), 16, source=torch.zeros(2, dtype=torch.long)))
@@ -174,7 +178,7 @@ def awkward_folder(root):
 
 def decode_files(images, indices, skip_corrupt=False, device=CPU):
     batch = collate_encoded([EncodedFiles(images.paths)[(i, 0)] for i in indices])
-    decoded, skipped = source(images, skip_corrupt, device=device).decode(batch)
+    decoded, _, skipped = source(images, skip_corrupt, device=device).decode(batch)
     assert all(image.device.type == device.type for image in decoded)
     return [image.cpu() for image in decoded], skipped
 
@@ -220,41 +224,31 @@ def test_an_unreadable_file_is_named_without_skip_corrupt(tmp_path, bad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_unreadable_files_are_replaced_by_the_next_readable_one(tmp_path, device):
-    images = break_files(mixed_folder(tmp_path / "d", SIZES[:6]))
+def test_unreadable_files_are_replaced_by_the_next_readable_one_not_in_the_batch(tmp_path, device):
+    images = break_files(mixed_folder(tmp_path / "d"))
     assert device_decodable(images.paths[4].read_bytes())  # a JPEG by its header: the batch decode fails
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        decoded, skipped = decode_files(images, [0, 1, 2, 3, 4, 5], skip_corrupt=True, device=device)
-    assert skipped.tolist() == [0, 2, 1, 0, 1, 0]  # f1 -> f2 (unreadable) -> f3; f2 -> f3; f4 -> f5
-    for image, i in zip(decoded, (0, 3, 3, 3, 5, 5), strict=True):
+        decoded, skipped = decode_files(images, [0, 1, 2, 3, 4], skip_corrupt=True, device=device)
+    assert skipped.tolist() == [0, 1, 1, 0, 1]  # f1 -> f5 (2-4 in the batch); f2 -> f6 (5 taken); f4 -> f7
+    for image, i in zip(decoded, (0, 5, 6, 3, 7), strict=True):
         assert_decoded_as_pil(image, images.paths[i])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_failing_batch_decode_is_retried_image_by_image(tmp_path, monkeypatch, device):
-    images = break_files(mixed_folder(tmp_path / "d", SIZES[:6]))
+    images = break_files(mixed_folder(tmp_path / "d"))
     calls = []
 
     def spy(data, **kw):
         calls.append(len(data) if isinstance(data, list) else 1)
         return decode_jpeg(data, **kw)
 
-    decode_jpeg = gpu_decode.decode_jpeg
-    monkeypatch.setattr(gpu_decode, "decode_jpeg", spy)
+    decode_jpeg = decode_pipeline.decode_jpeg
+    monkeypatch.setattr(decode_pipeline, "decode_jpeg", spy)
     with pytest.warns(UserWarning, match=f"skipping unreadable image .*{images.paths[4].name}"):
         decoded, skipped = decode_files(images, [0, 3, 4, 5], skip_corrupt=True, device=device)
     assert calls[:5] == [4, 1, 1, 1, 1] and skipped.tolist() == [0, 0, 1, 0]
     assert_decoded_as_pil(decoded[1], images.paths[3])
-
-
-def test_a_replaced_sample_keeps_its_label_and_counts_in_skipped(tmp_path):
-    images = break_files(mixed_folder(tmp_path / "d", SIZES[:6]))
-    with pytest.warns(UserWarning):
-        steps, sampler = run(images, batch=6, steps=1, skip_corrupt=True)
-    order = sampler.epoch_order(0).tolist()
-    q, _, labels, skipped = steps[0]
-    assert labels.tolist() == [images.labels[i] for i in order]
-    assert skipped.tolist() == [{1: 2, 2: 1, 4: 1}.get(i, 0) for i in order] and q.isfinite().all()
 
 
 def test_read_encoded_routes_and_collates(tmp_path):
@@ -286,13 +280,13 @@ def test_measure_feed_drives_warmup_and_timed_steps_of_any_source(tmp_path):
             yield torch.zeros(4, 3, 2, 2), torch.zeros(4, 3, 2, 2), torch.zeros(4), torch.zeros(4)
 
     sampler = RunBatches(40, 4, 0, 1, 0, epochs=1)
-    result = feed.measure_feed(counting, sampler, steps=5, warmup=3)
+    result = measure_feed(counting, sampler, steps=5, warmup=3)
     assert seen == list(range(8)) and result.img_per_s > 0 and result.first_batch_s >= 0
     images = mixed_folder(tmp_path / "d")
-    for batches in (source(images), feed.LoaderBatches(TwoViews(images, 16, 0), CPU, 0, channels_last=False)):
-        assert feed.measure_feed(batches, RunBatches(8, 4, 0, 1, 0, epochs=2), steps=2, warmup=1).img_per_s > 0
+    for batches in (source(images), PilBatches(TwoViews(images, 16, 0), CPU, 0, channels_last=False)):
+        assert measure_feed(batches, RunBatches(8, 4, 0, 1, 0, epochs=2), steps=2, warmup=1).img_per_s > 0
     with pytest.raises(Exception, match="fewer than"):
-        feed.measure_feed(counting, RunBatches(8, 4, 0, 1, 0, epochs=1), steps=2, warmup=1)
+        measure_feed(counting, RunBatches(8, 4, 0, 1, 0, epochs=1), steps=2, warmup=1)
 
 
 def test_auto_chooses_device_data_gpu_decode_or_workers(tmp_path, monkeypatch):
@@ -302,18 +296,18 @@ def test_auto_chooses_device_data_gpu_decode_or_workers(tmp_path, monkeypatch):
     pngs.mkdir()
     for i in range(2):
         Image.fromarray(ramp(300, 300, i)).save(pngs / f"{i}.png")
-    assert feed.choose_pipeline(large, CPU).kind == "loader"
+    assert auto.choose_pipeline(large, CPU).name == "pil"
 
     class Props:
         total_memory = 2**34
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
-    monkeypatch.setattr(feed, "device_decode_refusal", lambda device: None)
+    monkeypatch.setattr(auto, "device_decode_refusal", lambda device: None)
     cuda = torch.device("cuda", 0)
-    assert feed.choose_pipeline(small, cuda).kind == "device"
-    choice = feed.choose_pipeline(large, cuda)
-    assert choice.kind == "decode" and "400 px" in choice.reason and "100%" in choice.reason
-    assert feed.choose_pipeline(ImageFiles(pngs), cuda).kind == "loader"
-    monkeypatch.setattr(feed, "device_decode_refusal", lambda device: "not compiled with nvJPEG support")
-    assert "nvJPEG" in feed.choose_pipeline(large, cuda).reason
-    assert gpu_decode.device_decode_refusal(CPU) is None  # the probe itself, on a device that decodes
+    assert auto.choose_pipeline(small, cuda).name == "resident"
+    choice = auto.choose_pipeline(large, cuda)
+    assert choice.name == "decode" and "400 px" in choice.reason and "100%" in choice.reason
+    assert auto.choose_pipeline(ImageFiles(pngs), cuda).name == "pil"
+    monkeypatch.setattr(auto, "device_decode_refusal", lambda device: "not compiled with nvJPEG support")
+    assert "nvJPEG" in auto.choose_pipeline(large, cuda).reason
+    assert decode_pipeline.device_decode_refusal(CPU) is None  # the probe itself, on a device that decodes

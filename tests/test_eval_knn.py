@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from helpers import TINY, assert_clean_error, write_images
 
 from hnmix.cli import app
-from hnmix.data.augment import Normalize
 from hnmix.data.labelled import Labelled
+from hnmix.data.normalize import Normalize
 from hnmix.eval.features import extract_features
 from hnmix.eval.knn import KnnMonitor, knn_accuracy, knn_scores, topk_correct
 from hnmix.models.backbone import create_backbone
@@ -101,7 +101,7 @@ def test_two_ranks_share_the_monitor_and_get_the_single_process_numbers(tmp_path
     script = tmp_path / "knn.py"
     script.write_text(
         "import json, torch\n"
-        "from hnmix.data.augment import Normalize\n"
+        "from hnmix.data.normalize import Normalize\n"
         "from hnmix.eval.features import extract_all_ranks\n"
         "from hnmix.eval.knn import KnnMonitor\n"
         "from hnmix.models.backbone import create_backbone\n"

@@ -15,8 +15,9 @@ from helpers import assert_same_distribution, gpu_views, pil_views
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
-from hnmix.data import gpu_augment as G
-from hnmix.data.augment_settings import AugmentSettings, ViewAugment
+from hnmix.data.augment import draws as D
+from hnmix.data.augment import tensor as G
+from hnmix.data.augment.settings import AugmentSettings, ViewAugment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,13 +105,13 @@ def test_resized_crop_is_a_crop_or_a_bilinear_resize():
 def test_flip_and_jitter_identity_when_not_drawn():
     x = rand_images(4, 8, 8)
     assert torch.equal(G.flip(x, torch.tensor([True, False, True, False]))[0], x[0].flip(-1))
-    draws = G.draw_augment(4, generator=torch.Generator().manual_seed(0))._replace(jitter=torch.ones(4))
+    draws = D.draw_augment(4, generator=torch.Generator().manual_seed(0))._replace(jitter=torch.ones(4))
     assert torch.equal(G.color_jitter(x, draws), x)
 
 
 def test_color_jitter_applies_each_samples_ops_in_its_own_order():
     x = rand_images(6, 10, 12, seed=3)
-    draws = G.draw_augment(6, generator=torch.Generator().manual_seed(7))._replace(jitter=torch.zeros(6))
+    draws = D.draw_augment(6, generator=torch.Generator().manual_seed(7))._replace(jitter=torch.zeros(6))
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     u = draws.jitter_factors
     factors = [0.6 + 0.8 * u[:, 0], 0.6 + 0.8 * u[:, 1], 0.6 + 0.8 * u[:, 2], 0.1 * (2 * u[:, 3] - 1)]
@@ -125,7 +126,7 @@ def test_color_jitter_applies_each_samples_ops_in_its_own_order():
 
 
 def test_jitter_orders_are_uniform_over_the_24_permutations():
-    orders = G.draw_augment(24 * 500, generator=torch.Generator().manual_seed(0)).jitter_order
+    orders = D.draw_augment(24 * 500, generator=torch.Generator().manual_seed(0)).jitter_order
     assert (orders.sort(dim=1).values == torch.arange(4)).all()
     _, counts = torch.unique(orders, dim=0, return_counts=True)
     chi2 = float(((counts - 500.0) ** 2 / 500.0).sum())
@@ -143,7 +144,7 @@ def test_crop_boxes_follow_random_resized_crop(height, width, scale, ratio):
         torch.manual_seed(0)
         ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ratio))
                             for _ in range(N)], dtype=torch.float64)
-    draws = G.draw_augment(N, generator=torch.Generator().manual_seed(1))
+    draws = D.draw_augment(N, generator=torch.Generator().manual_seed(1))
     params = G.aug_params([ViewAugment(crop_scale=scale, crop_ratio=ratio)], torch.zeros(N, dtype=torch.long))
     b = G.crop_boxes(torch.full((N,), height), torch.full((N,), width), draws, params)
     mine = torch.stack([b.top, b.left, b.height, b.width], dim=1)
@@ -158,7 +159,7 @@ def test_crop_boxes_follow_random_resized_crop(height, width, scale, ratio):
 
 def test_crop_boxes_fall_back_to_torchvisions_central_crop():
     # no 3/4..4/3 crop of >= 20 % fits a 10 x 200 strip: all ten tries fail, the fallback is deterministic
-    draws = G.draw_augment(50, generator=torch.Generator().manual_seed(0))
+    draws = D.draw_augment(50, generator=torch.Generator().manual_seed(0))
     for height, width in [(10, 200), (200, 10)]:
         b = G.crop_boxes(torch.full((50,), height), torch.full((50,), width), draws)
         ref = T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.2, 1.0], [3 / 4, 4 / 3])
@@ -231,7 +232,7 @@ def test_flip_and_solarize_frequencies_match_the_pil_pipeline(preset, view):
 
 def test_gpu_augment_views_are_reproducible_normalised_and_split_invariant():
     images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    aug = G.GpuAugment(16, channels_last=True)
+    aug = G.TensorAugment(16, channels_last=True)
     q1, k1 = aug.views(images, torch.Generator().manual_seed(5))
     q2, k2 = aug.views(images, torch.Generator().manual_seed(5))
     assert torch.equal(q1, q2) and torch.equal(k1, k2) and not torch.equal(q1, k1)
@@ -240,7 +241,7 @@ def test_gpu_augment_views_are_reproducible_normalised_and_split_invariant():
     raw = q1 * std + mean
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
     # rows of one draw applied to half the images give the same views as the whole batch (DDP ranks)
-    draws = G.draw_augment(6, generator=torch.Generator().manual_seed(2))
+    draws = D.draw_augment(6, generator=torch.Generator().manual_seed(2))
     whole = aug(images, draws)
     half = aug(images[3:], draws.take(slice(3, 6)))
     torch.testing.assert_close(half, whole[3:])
@@ -251,7 +252,7 @@ def test_each_row_follows_its_views_settings_in_one_call():
     settings = AugmentSettings(jitter_p=0, blur_p=0, grayscale_p=0, flip_p=0, crop_scale=(1, 1), crop_ratio=(1, 1),
                                view2={"grayscale_p": 1, "flip_p": 1})
     images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    aug = G.GpuAugment(12, settings=settings)
+    aug = G.TensorAugment(12, settings=settings)
     q, k = (v * aug.std + aug.mean for v in aug.views(images, torch.Generator().manual_seed(0)))
     torch.testing.assert_close(q, images / 255, atol=1e-5, rtol=0)  # whole image, untouched
     gray = G.rgb_to_grayscale(images.float() / 255).expand(-1, 3, -1, -1).flip(-1)
@@ -262,7 +263,7 @@ def test_padded_images_crop_only_their_valid_region():
     # a 12 x 8 image stored top-left in a 20 x 20 tensor, edge-repeated: views equal those of the bare image
     small = torch.randint(0, 256, (1, 3, 12, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     padded = F.pad(small.float(), (0, 12, 0, 8), mode="replicate").to(torch.uint8)
-    draws = G.draw_augment(64, generator=torch.Generator().manual_seed(1))
+    draws = D.draw_augment(64, generator=torch.Generator().manual_seed(1))
     source = torch.zeros(64, dtype=torch.long)
     bare = G.augment(small, draws, 10, source=source)
     stored = G.augment(padded, draws, 10, source=source, sizes=torch.tensor([[12, 8]]))
@@ -271,15 +272,15 @@ def test_padded_images_crop_only_their_valid_region():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_pipeline_never_waits_for_the_host():
-    aug = G.GpuAugment(32, settings=AugmentSettings(preset="byol")).cuda()
+    aug = G.TensorAugment(32, settings=AugmentSettings(preset="byol")).cuda()
     images = torch.randint(0, 256, (8, 3, 40, 48), dtype=torch.uint8, device="cuda")
     generator = torch.Generator(device="cuda").manual_seed(0)
     view = (torch.arange(16, device="cuda") >= 8).long()
     source = torch.arange(8, device="cuda").repeat(2)
-    aug(images, G.draw_augment(16, generator=generator, device="cuda"), source=source, view=view)  # warm-up
+    aug(images, D.draw_augment(16, generator=generator, device="cuda"), source=source, view=view)  # warm-up
     torch.cuda.set_sync_debug_mode("error")
     try:
-        draws = G.draw_augment(16, generator=generator, device="cuda")
+        draws = D.draw_augment(16, generator=generator, device="cuda")
         aug(images, draws, source=source, view=view, sizes=torch.tensor([[40, 48]] * 8, device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -11,9 +11,9 @@ from helpers import TINY, write_images
 from PIL import Image
 
 from hnmix.cli import app
-from hnmix.data import gpu_data
-from hnmix.data.folder import ImageFiles, load_rgb
-from hnmix.data.pretrain import RunBatches, open_images
+from hnmix.data.folder import ImageFiles, load_rgb, open_images
+from hnmix.data.order import RunBatches
+from hnmix.data.pipelines import resident
 from hnmix.errors import CorruptImageError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,7 +35,7 @@ def mixed_folder(root):
 
 def test_decode_pads_each_image_with_its_own_edge(tmp_path):
     images = mixed_folder(tmp_path / "d")
-    decoded = gpu_data.decode_all(images)
+    decoded = resident.decode_all(images)
     assert decoded.images.shape == (6, 3, 16, 20) and decoded.images.dtype == torch.uint8 and not decoded.uniform
     for i, path in enumerate(images.paths):
         pixels = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)
@@ -50,34 +50,34 @@ def test_decode_pads_each_image_with_its_own_edge(tmp_path):
 
 def test_cache_is_reused_and_invalidated_by_any_file_change(tmp_path, monkeypatch):
     root = write_images(tmp_path / "d", 6, classes=["a", "b"])
-    first = gpu_data.load_or_decode(ImageFiles(root), log=lambda _: None)
-    path = gpu_data.cache_path(ImageFiles(root))
+    first = resident.load_or_decode(ImageFiles(root), log=lambda _: None)
+    path = resident.cache_path(ImageFiles(root))
     assert path.parent == tmp_path / "cache" and path.is_file()
 
     def no_decoding(images):
         raise AssertionError("decoded again")
 
     with monkeypatch.context() as m:
-        m.setattr(gpu_data, "decode_all", no_decoding)
-        again = gpu_data.load_or_decode(ImageFiles(root), log=lambda _: None)
+        m.setattr(resident, "decode_all", no_decoding)
+        again = resident.load_or_decode(ImageFiles(root), log=lambda _: None)
     assert torch.equal(again.images, first.images)
     changed = sorted(root.rglob("*.jpg"))[3]
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(changed)
     os.utime(changed, ns=(1, 1))  # even with an old mtime, the size changed
-    assert gpu_data.cache_path(ImageFiles(root)) != path
-    rebuilt = gpu_data.load_or_decode(ImageFiles(root), log=lambda _: None)
+    assert resident.cache_path(ImageFiles(root)) != path
+    rebuilt = resident.load_or_decode(ImageFiles(root), log=lambda _: None)
     assert not torch.equal(rebuilt.images, first.images)
     write_images(root / "a", 1, seed=9)  # an added file
-    assert gpu_data.cache_path(ImageFiles(root)) not in (path, gpu_data.cache_path(ImageFiles(root / "b")))
+    assert resident.cache_path(ImageFiles(root)) not in (path, resident.cache_path(ImageFiles(root / "b")))
 
 
 def test_a_damaged_cache_is_rebuilt(tmp_path):
     root = write_images(tmp_path / "d", 4)
-    path = gpu_data.cache_path(ImageFiles(root))
+    path = resident.cache_path(ImageFiles(root))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"garbage")
-    decoded = gpu_data.load_or_decode(ImageFiles(root), log=lambda _: None)
-    assert decoded.images.shape[0] == 4 and torch.load(path, weights_only=True)["format"] == gpu_data.CACHE_FORMAT
+    decoded = resident.load_or_decode(ImageFiles(root), log=lambda _: None)
+    assert decoded.images.shape[0] == 4 and torch.load(path, weights_only=True)["format"] == resident.CACHE_FORMAT
 
 
 def test_unreadable_files_are_named_or_replaced_by_the_next(tmp_path):
@@ -85,23 +85,23 @@ def test_unreadable_files_are_named_or_replaced_by_the_next(tmp_path):
     images = ImageFiles(root)
     images.paths[2].write_bytes(b"not an image")
     images.paths[3].write_bytes(b"nor this")
-    decoded = gpu_data.load_or_decode(ImageFiles(root), log=lambda _: None)
+    decoded = resident.load_or_decode(ImageFiles(root), log=lambda _: None)
     assert decoded.skipped.tolist() == [0, 0, 2, 1, 0, 0] and torch.equal(decoded.images[2], decoded.images[4])
     with pytest.raises(CorruptImageError, match=images.paths[2].name):
-        gpu_data.check_corrupt(decoded, skip_corrupt=False)
+        resident.check_corrupt(decoded, skip_corrupt=False)
     with pytest.warns(UserWarning, match="skipping 2 unreadable images"):
-        gpu_data.check_corrupt(decoded, skip_corrupt=True)
+        resident.check_corrupt(decoded, skip_corrupt=True)
 
 
 def batches(decoded, labels, rank=0, world=1, start=0, steps=4, batch=4, seed=0):
     sampler = RunBatches(len(labels), batch, rank, world, seed, epochs=10, start_step=start, total_steps=steps)
-    source = gpu_data.DeviceBatches(decoded, labels, torch.device("cpu"), 8, seed, channels_last=False)
+    source = resident.ResidentBatches(decoded, labels, torch.device("cpu"), 8, seed, channels_last=False)
     return list(source(sampler)), sampler
 
 
 def test_batches_follow_the_sampler_and_do_not_depend_on_ranks_or_resuming(tmp_path):
     images = mixed_folder(tmp_path / "d")
-    decoded = gpu_data.decode_all(images)
+    decoded = resident.decode_all(images)
     labels = [10 + i for i in range(6)]  # label = 10 + index: shows which images each step took
     full, sampler = batches(decoded, labels)
     expected = [[i for i, _ in step] for step in RunBatches(6, 4, 0, 1, 0, epochs=10, total_steps=4)]
@@ -120,19 +120,19 @@ def test_batches_follow_the_sampler_and_do_not_depend_on_ranks_or_resuming(tmp_p
 
 def test_auto_stays_off_on_cpu_and_for_large_or_too_many_images(monkeypatch):
     demo = open_images("demo")
-    source, note = gpu_data.device_batches(demo, mode="auto", device=torch.device("cpu"), image_size=16, seed=0,
+    source, note = resident.resident_batches(demo, mode="auto", device=torch.device("cpu"), image_size=16, seed=0,
                                            channels_last=False, skip_corrupt=False)
     assert source is None and "not a CUDA device" in note
     cuda = torch.device("cuda", 0)
-    assert "not small" in gpu_data.auto_refusal(300, None, cuda)
+    assert "not small" in resident.auto_refusal(300, None, cuda)
 
     class Props:
         total_memory = 4 * 2**20
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
-    assert gpu_data.auto_refusal(32, 2**20, cuda) is None
-    assert "exceeds 25%" in gpu_data.auto_refusal(32, 2 * 2**20, cuda)
-    source, note = gpu_data.device_batches(demo, mode="on", device=torch.device("cpu"), image_size=16, seed=0,
+    assert resident.auto_refusal(32, 2**20, cuda) is None
+    assert "exceeds 25%" in resident.auto_refusal(32, 2 * 2**20, cuda)
+    source, note = resident.resident_batches(demo, mode="on", device=torch.device("cpu"), image_size=16, seed=0,
                                            channels_last=False, skip_corrupt=False)
     assert source is not None and "2000 x 3x32x32 uint8" in note
 

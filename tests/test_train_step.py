@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hnmix.config import PretrainConfig
 from hnmix.core import dist as distributed
-from hnmix.data.pretrain import RunBatches
+from hnmix.data.order import RunBatches
 from hnmix.train.data import TrainingData
 from hnmix.train.trainer import Trainer
 

@@ -15,7 +15,7 @@ from torch import nn
 from hnmix.config import PretrainConfig
 from hnmix.core.io import load_torch_dict
 from hnmix.core.settings import migrate_values
-from hnmix.data.augment_settings import AugmentSettings
+from hnmix.data.augment.settings import AugmentSettings
 from hnmix.errors import HnmixError
 from hnmix.models.moco import MoCo
 from hnmix.models.weights import CHECKPOINT_FORMAT, build_backbone, load_backbone_weights

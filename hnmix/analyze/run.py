@@ -23,11 +23,13 @@ from hnmix.analyze.encoders import Encoders, load_encoders, mochi_defaults
 from hnmix.analyze.plots import plot_all, series_labels
 from hnmix.core.device import autocast_dtype, resolve_device
 from hnmix.core.log import eval_progress
-from hnmix.data.augment import Normalize, PilAugment
-from hnmix.data.augment_settings import AugmentSettings
+from hnmix.data.augment.pil import PilAugment
+from hnmix.data.augment.settings import AugmentSettings
 from hnmix.data.demo import DEMO
+from hnmix.data.folder import open_images
 from hnmix.data.labelled import VAL_SPLITS, choose_eval_transform, describe_source, eval_transform
-from hnmix.data.pretrain import open_images, sample_seed
+from hnmix.data.normalize import Normalize
+from hnmix.data.order import sample_seed
 from hnmix.errors import HnmixError
 from hnmix.eval.features import make_loader
 from hnmix.eval.lineval import sha256_file

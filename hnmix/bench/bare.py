@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hnmix.core.device import autocast_dtype, enable_fast_kernels
-from hnmix.data.augment import Normalize
+from hnmix.data.normalize import Normalize
 from hnmix.models.backbone import create_backbone
 
 

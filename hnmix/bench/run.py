@@ -96,9 +96,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     with --profile the step's top operators. Returns the figures as a dict."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HnmixError("hnmix bench runs in one process; time one GPU, then multiply by the ranks")
+    from hnmix.bench.feed import measure_feed
     from hnmix.core import dist
-    from hnmix.data.feed import measure_feed
-    from hnmix.data.pretrain import RunBatches
+    from hnmix.data.order import RunBatches
     from hnmix.negatives.mochi import strategy as mochi_strategy
     from hnmix.train.data import TrainingData
     from hnmix.train.trainer import Trainer

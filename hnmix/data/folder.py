@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from hnmix.data.demo import DEMO
+from hnmix.data.demo import DEMO, DemoImages
 from hnmix.errors import CorruptImageError, HnmixError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -24,6 +24,13 @@ def check_data_path(value: str) -> str:
 def resolve_split(root: Path, split: str) -> Path:
     """`root/split` when it exists (a dataset root), else `root` itself."""
     return root / split if (root / split).is_dir() else root
+
+
+def open_images(data: str, split: str = "train"):
+    """ImageFiles for a path (using `path/split` when present), DemoImages for 'demo'."""
+    if data == DEMO:
+        return DemoImages(split)
+    return ImageFiles(resolve_split(Path(data), split))
 
 
 def scan_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:

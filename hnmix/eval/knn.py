@@ -75,10 +75,10 @@ class KnnMonitor:
                 f"{describe_eval_transform(self.image_size, self.eval_choice)}")
 
     def hold_on(self, device: torch.device, log=print, build: bool = True) -> bool:
-        """Decode both splits once (the disk cache of hnmix.data.gpu_data) and keep them on the device, so each
+        """Decode both splits once (the disk cache of hnmix.data.pipelines.resident) and keep them on the device, so each
         evaluation runs without loader workers: for runs whose training data is device-resident. Images of
         mixed sizes stay with the loader (False)."""
-        from hnmix.data.gpu_data import load_or_decode
+        from hnmix.data.pipelines.resident import load_or_decode
 
         resident = []
         for images in (self.bank_images, self.query_images):

@@ -23,7 +23,6 @@ from torch import nn
 from hnmix import __version__
 from hnmix.core.device import autocast_dtype, resolve_device
 from hnmix.core.log import MetricsLog, eval_progress
-from hnmix.data.augment import Normalize
 from hnmix.data.labelled import (
     Labelled,
     choose_eval_transform,
@@ -33,6 +32,7 @@ from hnmix.data.labelled import (
     linear_train_transform,
     open_train_val,
 )
+from hnmix.data.normalize import Normalize
 from hnmix.errors import HnmixError
 from hnmix.eval.config import LinevalConfig
 from hnmix.eval.features import extract_features, make_loader

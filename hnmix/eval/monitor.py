@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from hnmix.core import dist
-from hnmix.data.augment import Normalize
+from hnmix.data.normalize import Normalize
 from hnmix.eval.knn import KnnMonitor, print_knn
 from hnmix.train.hooks import Hook, Moment
 

@@ -1,5 +1,5 @@
 """What feeds the training step: the images, and the pipeline that turns them into normalised views on the
-device, per step, in RunBatches order (hnmix.data.feed: one interface for the three).
+device, per step, in RunBatches order (hnmix.data.pipelines: one BatchSource interface for all).
 
 - resident: the dataset decoded once (disk cache), held on the device, augmented there in batches
 - decode: workers read JPEG bytes, the device decodes and augments each batch
@@ -14,20 +14,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-import torch
-
 from hnmix.core import dist
-from hnmix.data.augment import hue_tables
-from hnmix.data.feed import LoaderBatches, choose_pipeline
-from hnmix.data.gpu_data import device_batches
-from hnmix.data.gpu_decode import WORKERS as DECODE_WORKERS
-from hnmix.data.gpu_decode import DecodeBatches, device_decode_refusal
-from hnmix.data.pretrain import RunBatches, TwoViews, open_images
+from hnmix.data.folder import open_images
+from hnmix.data.order import RunBatches
+from hnmix.data.pipelines import PIPELINES
+from hnmix.data.pipelines.auto import after_resident, choose_pipeline
+from hnmix.data.pipelines.base import Batch, Setup
 from hnmix.errors import HnmixError
 from hnmix.train.stop import ignore_sigint_in_worker
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # view_q, view_k, labels, skipped
-KINDS = {"device": "resident", "loader": "pil", "decode": "decode"}  # hnmix.data.feed's names -> the setting's
 
 
 class TrainingData:
@@ -40,11 +34,14 @@ class TrainingData:
         self.images = open_images(cfg.data, "train")
         if cfg.oracle_labels and min(self.images.labels) < 0:
             raise HnmixError("--oracle-labels needs labelled data (an ImageFolder: one sub-folder per class)")
-        self.dataset = TwoViews(self.images, cfg.image_size, cfg.seed, cfg.skip_corrupt, augment=cfg.augment)
         wanted = pipeline or cfg.pipeline
-        self.pipeline, reason = self._resolve(wanted)
-        self.source, note = self._open(self.pipeline, auto=wanted == "auto")
-        self.description = f"{self.pipeline}: {note}" + (f" (auto: {reason})" if wanted == "auto" else "")
+        auto = wanted == "auto"
+        self.pipeline, reason = choose_pipeline(self.images, info.device) if auto else (wanted, "")
+        self.source, note = PIPELINES[self.pipeline].open(self.images, self.setup(auto))
+        if self.source is None:  # auto's resident choice, too large once decoded: the next pipeline in line
+            self.pipeline = after_resident(self.images, info.device)
+            self.source, note = PIPELINES[self.pipeline].open(self.images, self.setup(auto=False))
+        self.description = f"{self.pipeline}: {note}" + (f" (auto: {reason})" if auto else "")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -53,38 +50,12 @@ class TrainingData:
     def workers(self) -> int:
         return min(self.cfg.workers, os.cpu_count() or 1)
 
-    def _resolve(self, wanted: str) -> tuple[str, str]:
-        if wanted != "auto":
-            return wanted, ""
-        choice = choose_pipeline(self.images, self.info.device)
-        return KINDS[choice.kind], choice.reason
-
-    def _open(self, kind: str, auto: bool):
+    def setup(self, auto: bool) -> Setup:
         cfg, info = self.cfg, self.info
-        if kind == "resident":
-            source, note = device_batches(self.images, mode="auto" if auto else "on", device=info.device,
-                                          image_size=cfg.image_size, seed=cfg.seed, channels_last=cfg.channels_last,
-                                          skip_corrupt=cfg.skip_corrupt, local_rank=info.local_rank, log=self.log,
-                                          barrier=dist.barrier, augment=cfg.augment)
-            if source is not None:
-                return source, note
-            # auto and too large once decoded: the next pipeline in line
-            self.pipeline = "decode" if hasattr(self.images, "paths") and not device_decode_refusal(
-                info.device) else "pil"
-            return self._open(self.pipeline, auto=False)
-        if kind == "decode":
-            if not hasattr(self.images, "paths"):
-                raise HnmixError("--pipeline decode reads image files; the built-in demo data is an array "
-                                 "(use resident or pil)")
-            workers = min(self.workers, DECODE_WORKERS)
-            source = DecodeBatches(self.images, info.device, cfg.image_size, cfg.seed, cfg.channels_last,
-                                   cfg.skip_corrupt, workers=workers, worker_init_fn=ignore_sigint_in_worker,
-                                   compile_augment=cfg.compile, augment=cfg.augment)
-            return source, f"{workers} workers read bytes, {info.device.type} decodes and augments each batch"
-        if any(view.hue > 0 and view.jitter_p > 0 for view in cfg.augment.views()):
-            hue_tables()  # opened here, before the workers fork, so that they share it
-        source = LoaderBatches(self.dataset, info.device, self.workers, cfg.channels_last, ignore_sigint_in_worker)
-        return source, f"{source.workers} DataLoader workers, PIL augmentations"
+        return Setup(info.device, cfg.image_size, cfg.seed, channels_last=cfg.channels_last,
+                     skip_corrupt=cfg.skip_corrupt, augment=cfg.augment, workers=self.workers,
+                     worker_init_fn=ignore_sigint_in_worker, compile=cfg.compile, auto=auto,
+                     local_rank=info.local_rank, log=self.log, barrier=dist.barrier)
 
     def batches(self, sampler: RunBatches) -> Iterator[Batch]:
         """(view_q, view_k, labels, skipped files) per step, normalised on the device."""

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from hnmix.core import dist
 from hnmix.core.io import atomic_save
-from hnmix.data.pretrain import RunBatches
+from hnmix.data.order import RunBatches
 from hnmix.errors import CorruptImageError
 from hnmix.train.checkpoint import load_checkpoint
 from hnmix.train.data import TrainingData

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hnmix.core import dist
 from hnmix.core.device import autocast_dtype, enable_fast_kernels
 from hnmix.core.settings import canonical_flag
-from hnmix.data.pretrain import sample_seed
+from hnmix.data.order import sample_seed
 from hnmix.errors import HnmixError
 from hnmix.models.moco import MocoOutput, MocoStep
 from hnmix.negatives.base import Strategy

@@ -1,4 +1,4 @@
-"""The worker side of GPU JPEG decoding (hnmix.data.gpu_decode): DataLoader workers read each file's bytes
+"""The worker side of GPU JPEG decoding (hnmix.data.pipelines.decode): DataLoader workers read each file's bytes
 and leave decoding to the device, which takes a whole batch of JPEGs at once.
 
 A worker reads a JPEG header (no pixels) to route each file: a complete, baseline, colour JPEG goes to the

@@ -1,5 +1,6 @@
-"""The augmentations of hnmix.data.augment_settings on a whole batch of uint8 images on any device: the
-distributions of the PIL pipeline (hnmix.data.augment), with every draw a tensor and no per-image Python.
+"""The augmentations of hnmix.data.augment.settings on a whole batch of uint8 images, batched tensor ops on any
+device (a GPU, or the CPU): the distributions of the PIL ops (hnmix.data.augment.pil), with every draw a
+tensor and no per-image Python.
 
 Per view, in torchvision's order: RandomResizedCrop (10 tries, then the central fallback), ColorJitter with
 its four ops in a random order, grayscale, Gaussian blur as PIL's ImageFilter.GaussianBlur (three passes of
@@ -8,15 +9,14 @@ normalisation. Colour ops follow torchvision's tensor kernels on [0, 1] floats (
 uint8 after each op). The crop is resampled by roi_align: bilinear when enlarging (as PIL), an average of
 bilinear samples when shrinking (PIL uses a triangle filter there).
 
-Randomness lives in AugDraws: raw U(0, 1) numbers per view, drawn once for the global batch, so a sample's
-views do not depend on how the batch is split over ranks. Settings live in AugParams: each row's view
-settings as tensors, so one batched call augments rows of both (BYOL-style different) views.
+Randomness lives in AugDraws (hnmix.data.augment.draws): raw U(0, 1) numbers per view, drawn once for the
+global batch. Settings live in AugParams: each row's view settings as tensors, so one batched call augments
+rows of both (BYOL-style different) views.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -24,91 +24,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from hnmix.data.augment_settings import (
+from hnmix.data.augment.draws import AugDraws, AugParams, draw_augment, rows_params, view_table
+from hnmix.data.augment.settings import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SOLARIZE_THRESHOLD,
     AugmentSettings,
     ViewAugment,
 )
+from hnmix.data.normalize import normalize
 
-CROP_TRIES = 10
 BLUR_PASSES = 3  # PIL's GaussianBlur: three box passes per axis
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
-
-
-class AugDraws(NamedTuple):
-    """Every random number of one view per row; the transforms map them to parameters (with AugParams)."""
-
-    crop_scale: torch.Tensor  # (n, 10) U(0, 1) per try
-    crop_ratio: torch.Tensor  # (n, 10)
-    crop_pos: torch.Tensor  # (n, 2) top, left
-    jitter: torch.Tensor  # (n,) applied when < jitter_p
-    jitter_order: torch.Tensor  # (n, 4) a permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue
-    jitter_factors: torch.Tensor  # (n, 4) in that op order
-    gray: torch.Tensor  # (n,)
-    blur: torch.Tensor  # (n,)
-    sigma: torch.Tensor  # (n,)
-    solarize: torch.Tensor  # (n,)
-    flip: torch.Tensor  # (n,)
-
-    def take(self, rows: torch.Tensor | slice) -> AugDraws:
-        return AugDraws(*(field[rows] for field in self))
-
-
-DRAW_WIDTHS = AugDraws(crop_scale=CROP_TRIES, crop_ratio=CROP_TRIES, crop_pos=2, jitter=1, jitter_order=4,
-                       jitter_factors=4, gray=1, blur=1, sigma=1, solarize=1, flip=1)
-
-
-def draw_uniforms(n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """(n, sum(DRAW_WIDTHS)) U(0, 1): all of n views' random numbers in one draw (one kernel on a GPU)."""
-    return torch.rand(n, sum(DRAW_WIDTHS), generator=generator, device=device)
-
-
-def split_draws(u: torch.Tensor) -> AugDraws:
-    """The fields of draw_uniforms' columns; the jitter order is the argsort of its four numbers."""
-    parts = u.split(list(DRAW_WIDTHS), dim=1)
-    fields = {name: part if width > 1 else part[:, 0]
-              for (name, width), part in zip(DRAW_WIDTHS._asdict().items(), parts, strict=True)}
-    fields["jitter_order"] = fields["jitter_order"].argsort(dim=1)  # uniform over the 24 orders, as randperm(4)
-    return AugDraws(**fields)
-
-
-def draw_augment(n: int, *, generator: torch.Generator | None = None, device=None) -> AugDraws:
-    return split_draws(draw_uniforms(n, generator=generator, device=device))
-
-
-# ----------------------------------------------------------------------------------------- settings
-
-
-class AugParams(NamedTuple):
-    """Each row's view settings (hnmix.data.augment_settings.ViewAugment) as tensors."""
-
-    crop_scale: torch.Tensor  # (n, 2) lo, hi share of the image's area
-    crop_log_ratio: torch.Tensor  # (n, 2) lo, hi of log(width / height)
-    jitter_lo: torch.Tensor  # (n, 4) lowest brightness, contrast, saturation factor and hue shift
-    jitter_hi: torch.Tensor  # (n, 4) highest
-    jitter_p: torch.Tensor  # (n,)
-    grayscale_p: torch.Tensor
-    blur_p: torch.Tensor
-    blur_sigma: torch.Tensor  # (n, 2)
-    solarize_p: torch.Tensor
-    flip_p: torch.Tensor
-    blur_reach: int  # farthest pixel any row's blur reads, in pixels: a static conv size, known without a sync
-
-    def take(self, rows: torch.Tensor | slice) -> AugParams:
-        return AugParams(*(field[rows] for field in self[:-1]), self.blur_reach)
-
-
-def view_table(views: Sequence[ViewAugment]) -> torch.Tensor:
-    """(len(views), 19) float64: each view's settings as one row of AugParams' columns."""
-    rows = []
-    for v in views:
-        strengths = (v.brightness, v.contrast, v.saturation)
-        rows.append([*v.crop_scale, *map(math.log, v.crop_ratio), *(max(0.0, 1 - b) for b in strengths), -v.hue,
-                     *(1 + b for b in strengths), v.hue, v.jitter_p, v.grayscale_p, v.blur_p, *v.blur_sigma,
-                     v.solarize_p, v.flip_p])
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 def pil_box_radius(sigma):
@@ -124,13 +51,6 @@ def pil_box_radius(sigma):
 def blur_reach(views: Sequence[ViewAugment]) -> int:
     """Farthest offset a blur box of any view reaches (0 when no view blurs): the conv width's half."""
     return max([int(pil_box_radius(v.blur_sigma[1])) + 1 for v in views if v.blur_p > 0], default=0)
-
-
-def rows_params(table: torch.Tensor, view_of_row: torch.Tensor, reach: int) -> AugParams:
-    """AugParams for rows of the views view_of_row (indices into view_table's rows), on table's device."""
-    t = table[view_of_row]
-    return AugParams(t[:, 0:2], t[:, 2:4], t[:, 4:8], t[:, 8:12], t[:, 12], t[:, 13], t[:, 14], t[:, 15:17],
-                     t[:, 17], t[:, 18], reach)
 
 
 def aug_params(views: Sequence[ViewAugment], view_of_row: torch.Tensor) -> AugParams:
@@ -332,7 +252,8 @@ def crop_views(images: torch.Tensor, draws: AugDraws, size: int, source: torch.T
                sizes: torch.Tensor | None = None, params: AugParams | None = None) -> torch.Tensor:
     """RandomResizedCrop of every row: (n, 3, size, size) floats in [0, 1]. View k is drawn from
     images[source[k]] (default k), whose valid region is its top-left sizes[source[k]] = (height, width)
-    (default: the whole tensor; pixels past it must repeat the edge, as hnmix.data.gpu_data stores them)."""
+    (default: the whole tensor; pixels past it must repeat the edge, as hnmix.data.pipelines.resident stores
+    them)."""
     _, _, height, width = images.shape
     n = draws.jitter.shape[0]
     device = images.device
@@ -362,7 +283,7 @@ def augment(images: torch.Tensor, draws: AugDraws, size: int, *, source: torch.T
     return finish_views(crop_views(images, draws, size, source, sizes, params), draws, params)
 
 
-class GpuAugment(torch.nn.Module):
+class TensorAugment(torch.nn.Module):
     """uint8 batch -> normalised augmented views, each row with the settings of its view (`view`: 0 for the
     first view, the settings' top level; 1 for the second, `view2`)."""
 
@@ -385,7 +306,7 @@ class GpuAugment(torch.nn.Module):
                 sizes: torch.Tensor | None = None, view: torch.Tensor | None = None) -> torch.Tensor:
         view = torch.zeros(draws.jitter.shape[0], dtype=torch.long, device=images.device) if view is None else view
         x = augment(images, draws, self.size, source=source, sizes=sizes, params=self.params(view))
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return normalize(x, self.mean, self.std, self.memory_format)
 
     def views(self, images: torch.Tensor, generator: torch.Generator | None = None, views: int = 2,
               sizes: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -1,12 +1,11 @@
-"""Device-resident pretraining data (--pipeline resident): the whole dataset decoded once into a uint8 tensor,
-cached on disk, held on the device; each step indexes its batch in RunBatches order and augments it
-there with hnmix.data.gpu_augment. No DataLoader workers, no per-image Python in the step.
+"""--pipeline resident: the whole dataset decoded once into a uint8 tensor, cached on disk, held on the
+device; each step indexes its batch in RunBatches order and augments it there with the tensor ops
+(hnmix.data.augment.tensor). No DataLoader workers, no per-image Python in the step.
 
 Images of different sizes are stored top-left in one tensor of the largest size, the rest of each slot
 repeating the image's edge, so crops and their bilinear borders never see another image's pixels.
 
-The cache lives in $HNMIX_CACHE_DIR, else $XDG_CACHE_HOME/hnmix, else ~/.cache/hnmix: datasets are often
-read-only or shared, and a run directory would decode again for every run. Its name is a hash of the
+The cache lives in hnmix.data.cache.cache_dir(). Its name is a hash of the
 resolved root and every file's relative path, size and mtime: any changed, added or removed file gives
 a new cache (old ones are not deleted; they are safe to remove).
 """
@@ -26,22 +25,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hnmix.data.augment_settings import AugmentSettings
+from hnmix.data.augment.draws import draw_augment
+from hnmix.data.augment.settings import AugmentSettings
+from hnmix.data.augment.tensor import TensorAugment
+from hnmix.data.cache import cache_dir
 from hnmix.data.folder import load_rgb
-from hnmix.data.gpu_augment import GpuAugment, draw_augment
-from hnmix.data.pretrain import RunBatches, sample_seed
+from hnmix.data.order import RESIDENT_DRAWS, RunBatches, rank_rows, sample_seed
+from hnmix.data.pipelines.base import Batch, Pipeline, Setup, fill_batch
 from hnmix.errors import CorruptImageError, HnmixError
 
 CACHE_FORMAT = 1
 AUTO_MAX_SIDE = 256  # auto: "small images" only; larger ones are better cropped before they are stored
 AUTO_MEMORY_SHARE = 0.25  # auto: the dataset may take at most this share of the device's memory
-AUGMENT_STREAM = -(10**6)  # sample_seed index of the augmentation draws (the loop uses -2, -3 - rank)
 
 
 class Decoded(NamedTuple):
     images: torch.Tensor  # (N, 3, H, W) uint8, edge-padded past each image's own size
     sizes: torch.Tensor  # (N, 2) int64 (height, width)
-    skipped: torch.Tensor  # (N,) int64 unreadable files replaced by the next readable one (as TwoViews)
+    skipped: torch.Tensor  # (N,) int64 > 0 for an unreadable file (its slot holds the next readable image; batches
+    # replace it by fill_batch's rule instead)
     corrupt: list[str]  # names of the unreadable files
 
     @property
@@ -51,12 +53,6 @@ class Decoded(NamedTuple):
     @property
     def uniform(self) -> bool:
         return bool((self.sizes == self.sizes[0]).all())
-
-
-def cache_dir() -> Path:
-    if os.environ.get("HNMIX_CACHE_DIR"):
-        return Path(os.environ["HNMIX_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hnmix"
 
 
 def cache_path(images) -> Path:
@@ -124,7 +120,7 @@ def decode_all(images) -> Decoded:
     with ThreadPoolExecutor(_threads()) as pool:
         ok = list(pool.map(decode, range(n), chunksize=64))
     skipped = np.zeros(n, dtype=np.int64)
-    for i in range(n):  # an unreadable slot takes the next readable image, as TwoViews._load does
+    for i in range(n):  # an unreadable slot holds the next readable image (the cache's format)
         if not ok[i]:
             j = next(j for j in range(1, n) if ok[(i + j) % n])
             out[i], sizes[i], skipped[i] = out[(i + j) % n], sizes[(i + j) % n], j
@@ -166,7 +162,7 @@ def check_corrupt(decoded: Decoded, skip_corrupt: bool) -> None:
         raise CorruptImageError(f"cannot read image {decoded.corrupt[0]} (use --skip-corrupt to skip unreadable "
                                 "images)")
     warnings.warn(f"skipping {len(decoded.corrupt)} unreadable images (e.g. {decoded.corrupt[0]}); each is "
-                  "replaced by the next readable one", stacklevel=2)
+                  "replaced by the next readable one not in its batch", stacklevel=2)
 
 
 def auto_refusal(decoded_side: int, nbytes: int | None, device: torch.device) -> str | None:
@@ -181,12 +177,9 @@ def auto_refusal(decoded_side: int, nbytes: int | None, device: torch.device) ->
     return None
 
 
-class DeviceBatches:
-    """Steps of (view_q, view_k, labels, skipped) from device-resident data, the loop's normalised format.
-
-    Augmentation draws come from a generator seeded by (seed, step), drawn for the whole global batch and
-    sliced per rank: a sample's views depend on neither the world size nor resuming.
-    """
+class ResidentBatches:
+    """Batches from device-resident data. Augmentation draws come from a generator seeded by (seed, step),
+    drawn for the whole global batch and sliced per rank (hnmix.data.order.rank_rows)."""
 
     def __init__(self, decoded: Decoded, labels: list[int], device: torch.device, image_size: int, seed: int,
                  channels_last: bool, augment: AugmentSettings | None = None):
@@ -194,43 +187,51 @@ class DeviceBatches:
         self.images = decoded.images.to(device)
         self.sizes = None if decoded.uniform else decoded.sizes.to(device)
         self.skipped = decoded.skipped
+        self.readable = (decoded.skipped == 0).tolist() if decoded.corrupt else None  # None: every file
         self.labels = torch.tensor(labels, dtype=torch.long, device=device)
-        self.augment = GpuAugment(image_size, channels_last, settings=augment).to(device)
+        self.augment = TensorAugment(image_size, channels_last, settings=augment).to(device)
         self.generator = torch.Generator(device=device)
         self.nbytes = decoded.nbytes
 
-    def __call__(self, sampler: RunBatches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        local, world_batch = sampler.batch // sampler.world, sampler.batch
-        offset = sampler.rank * local
-        # rows of the global draw for this rank: view 0 of samples [offset, offset + local), then view 1
-        rows = torch.cat([torch.arange(offset, offset + local), world_batch + torch.arange(offset, offset + local)])
-        rows = rows.to(self.device)
+    def __call__(self, sampler: RunBatches) -> Iterator[Batch]:
+        local, world_batch = sampler.local, sampler.batch
+        rows, view = (t.to(self.device) for t in rank_rows(sampler))  # queries: view 1, keys: view 2
         source = torch.arange(local, device=self.device).repeat(2)
-        view = (torch.arange(2 * local, device=self.device) >= local).long()  # queries: view 1, keys: view 2
         epoch = -1
         for step, e, lo in sampler.positions():
             if e != epoch:  # one host-to-device copy of the order per epoch, none per step
                 epoch, order = e, sampler.epoch_order(e)
                 order_on_device = order.to(self.device)
             index, idx = order[lo:lo + local], order_on_device[lo:lo + local]
-            self.generator.manual_seed(sample_seed(self.seed, step, AUGMENT_STREAM))
+            skipped = self.skipped[index]
+            if self.readable is not None and skipped.any():
+                index, skipped = self.replace(index)
+                idx = index.to(self.device)
+            self.generator.manual_seed(sample_seed(self.seed, step, RESIDENT_DRAWS))
             draws = draw_augment(2 * world_batch, generator=self.generator, device=self.device).take(rows)
             sizes = None if self.sizes is None else self.sizes[idx]
             views = self.augment(self.images[idx], draws, source=source, sizes=sizes, view=view)
-            yield views[:local], views[local:], self.labels[idx], self.skipped[index]
+            yield Batch(views[:local], views[local:], self.labels[idx], skipped)
+
+    def replace(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's indices with unreadable files replaced (named when the data was opened), and the
+        files skipped per slot."""
+        def load(slot: int, i: int):
+            return (i, None) if self.readable[i] else (None, None)
+
+        _, used, skipped = fill_batch(index.tolist(), len(self.readable), load, skip_corrupt=True)
+        return torch.tensor(used), torch.tensor(skipped)
 
 
-def device_batches(images, *, mode: str, device: torch.device, image_size: int, seed: int, channels_last: bool,
-                   skip_corrupt: bool, local_rank: int = 0, log: Callable[[str], None] = print,
-                   barrier: Callable[[], None] = lambda: None,
-                   augment: AugmentSettings | None = None) -> tuple[DeviceBatches | None, str]:
-    """(the device-resident batch source, or None for the DataLoader; a line saying which and why).
+def resident_batches(images, *, mode: str, device: torch.device, image_size: int, seed: int, channels_last: bool,
+                     skip_corrupt: bool, local_rank: int = 0, log: Callable[[str], None] = print,
+                     barrier: Callable[[], None] = lambda: None,
+                     augment: AugmentSettings | None = None) -> tuple[ResidentBatches | None, str]:
+    """(the source, or None when auto's choice does not hold; a line saying which and why).
 
-    mode: on, off, or auto = on for a CUDA device when the images are small and fit AUTO_MEMORY_SHARE of
-    its memory. Local rank 0 decodes and caches; the other ranks then read its cache.
+    mode: on, or auto = on for a CUDA device when the images are small and fit AUTO_MEMORY_SHARE of its
+    memory. Local rank 0 decodes and caches; the other ranks then read its cache.
     """
-    if mode == "off":
-        return None, "not device-resident (off)"
     if mode == "auto" and (why := auto_refusal(largest_side_sample(images), None, device)):
         return None, f"not device-resident: {why}"
     if local_rank == 0:
@@ -242,7 +243,17 @@ def device_batches(images, *, mode: str, device: torch.device, image_size: int, 
     if mode == "auto" and (why := auto_refusal(int(decoded.sizes.max()), decoded.nbytes, device)):
         return None, f"not device-resident: {why}"
     check_corrupt(decoded, skip_corrupt)
-    source = DeviceBatches(decoded, list(images.labels), device, image_size, seed, channels_last, augment)
+    source = ResidentBatches(decoded, list(images.labels), device, image_size, seed, channels_last, augment)
     shape = "x".join(map(str, decoded.images.shape[1:]))
     return source, (f"on {device.type}: {len(images)} x {shape} uint8 ({decoded.nbytes / 2**20:.0f} MiB), "
                     "batched augmentations")
+
+
+def open_resident(images, setup: Setup) -> tuple[ResidentBatches | None, str]:
+    return resident_batches(images, mode="auto" if setup.auto else "on", device=setup.device,
+                            image_size=setup.image_size, seed=setup.seed, channels_last=setup.channels_last,
+                            skip_corrupt=setup.skip_corrupt, local_rank=setup.local_rank, log=setup.log,
+                            barrier=setup.barrier, augment=setup.augment)
+
+
+PIPELINE = Pipeline("resident", open_resident)

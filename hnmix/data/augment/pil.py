@@ -1,9 +1,9 @@
-"""The augmentations of hnmix.data.augment_settings on PIL images (per sample, in loader workers), returning
-uint8 tensors; normalisation happens on the device.
+"""The augmentations of hnmix.data.augment.settings on PIL images (one image at a time, in loader workers),
+returning uint8 tensors; normalisation happens on the device.
 
-Parameters come from the device pipeline's uniform draws (hnmix.data.gpu_augment.draw_uniforms, from torch's
-RNG), mapped as it maps them (in plain Python here, tested equal), so both pipelines share one definition
-of every distribution. Pixels are
+Parameters come from the tensor ops' uniform draws (hnmix.data.augment.draws.draw_uniforms, from torch's
+RNG), mapped as they map them (in plain Python here, tested equal), so both share one definition of every
+distribution. Pixels are
 Pillow's, as torchvision's PIL transforms and official MoCo compute them: RandomResizedCrop (crop, then
 resize), ColorJitter's four ops (torchvision's functions), grayscale as `convert("L")`
 (kept one band until the tensor), ImageFilter.GaussianBlur (band by band), ImageOps.solarize, flip.
@@ -26,17 +26,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps, ImageStat
 
-from hnmix.data.augment_settings import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SOLARIZE_THRESHOLD,
-    AugmentSettings,
-    ViewAugment,
-)
+from hnmix.data.augment.draws import AugDraws, draw_uniforms, row_draws
+from hnmix.data.augment.settings import SOLARIZE_THRESHOLD, AugmentSettings, ViewAugment
+from hnmix.data.cache import cache_dir
 from hnmix.data.folder import can_draft, decode
-from hnmix.data.gpu_augment import DRAW_WIDTHS, AugDraws, draw_uniforms
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "PilAugment", "make_pil_transform", "moco_v2_augment"]
 
 DRAFT_SCALES = (8, 4, 2)  # JPEG DCT-domain reductions
 
@@ -54,7 +47,7 @@ class ViewPlan(NamedTuple):
 
 def crop_box(height: int, width: int, view: ViewAugment, u_scale, u_ratio, u_pos) -> tuple[int, int, int, int]:
     """RandomResizedCrop.get_params with these uniforms: the first of the tries that fits, else the central
-    crop (hnmix.data.gpu_augment.crop_boxes for one image, in plain Python: a few microseconds)."""
+    crop (hnmix.data.augment.tensor.crop_boxes for one image, in plain Python: a few microseconds)."""
     (scale_lo, scale_hi), (ratio_lo, ratio_hi) = view.crop_scale, view.crop_ratio
     log_lo, log_hi = math.log(ratio_lo), math.log(ratio_hi)
     for us, ur in zip(u_scale, u_ratio, strict=True):
@@ -72,7 +65,7 @@ def crop_box(height: int, width: int, view: ViewAugment, u_scale, u_ratio, u_pos
 
 
 def plan_view(height: int, width: int, u: AugDraws, view: ViewAugment) -> ViewPlan:
-    """One view's parameters from its row of draws (plain numbers), mapped as the device pipeline maps them."""
+    """One view's parameters from its row of draws (plain numbers), mapped as the tensor ops map them."""
     ranges = [(max(0.0, 1 - b), 1 + b) for b in (view.brightness, view.contrast, view.saturation)]
     ranges.append((-view.hue, view.hue))
     ops = []
@@ -85,18 +78,8 @@ def plan_view(height: int, width: int, u: AugDraws, view: ViewAugment) -> ViewPl
                     u.gray < view.grayscale_p, sigma, u.solarize < view.solarize_p, u.flip < view.flip_p)
 
 
-def row_draws(row: list[float]) -> AugDraws:
-    """One row of gpu_augment.draw_uniforms as plain numbers, split as split_draws splits the tensor."""
-    fields, start = [], 0
-    for width in DRAW_WIDTHS:
-        fields.append(row[start] if width == 1 else row[start:start + width])
-        start += width
-    draws = AugDraws(*fields)
-    return draws._replace(jitter_order=sorted(range(4), key=draws.jitter_order.__getitem__))  # = argsort
-
-
 def plan_views(height: int, width: int, uniforms: torch.Tensor, views: Sequence[ViewAugment]) -> list[ViewPlan]:
-    """Row k of uniforms (gpu_augment.draw_uniforms) planned with views[k], for an image of this size."""
+    """Row k of uniforms (draws.draw_uniforms) planned with views[k], for an image of this size."""
     return [plan_view(height, width, row_draws(row), view) for row, view in zip(uniforms.tolist(), views, strict=True)]
 
 
@@ -140,8 +123,6 @@ def hue_tables() -> tuple[np.ndarray, np.ndarray]:
     rgb_to_hsv[r | g << 8 | b << 16] = h << 16 | s << 8 | v and hsv_to_rgb[h << 16 | s << 8 | v] = r | g << 8 |
     b << 16. Built once (a few seconds) into the decoded-data cache directory, then memory-mapped: every
     process, loader workers included, shares the same pages."""
-    from hnmix.data.gpu_data import cache_dir
-
     paths = [cache_dir() / f"pil-{name}-{Image.__version__}.npy" for name in ("rgb2hsv", "hsv2rgb")]
     if not all(p.is_file() for p in paths):
         hsv = np.asarray(Image.fromarray(_all_colours((2, 1, 0)), "RGB").convert("HSV")).reshape(-1, 3)
@@ -259,22 +240,3 @@ class PilTransform:
 def make_pil_transform(settings: AugmentSettings | None, size: int, view: int = 0) -> PilTransform:
     """The PIL transform of one view (0: first, 1: second) of these settings (default: MoCo v2 aug+)."""
     return PilTransform(PilAugment(settings, size, views=(view,)))
-
-
-def moco_v2_augment(size: int) -> PilTransform:
-    """MoCo v2 aug+ (the mocov2 preset's first view)."""
-    return make_pil_transform(None, size)
-
-
-class Normalize(torch.nn.Module):
-    """uint8 (B, 3, H, W) -> float normalised, on the device, in the requested memory format."""
-
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool = False):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format)

@@ -1,16 +1,16 @@
-"""GPU JPEG decoding: DataLoader workers only read file bytes (hnmix.data.encoded); the training process
-decodes each batch at once on the device (torchvision's decode_jpeg on a list: nvjpeg on CUDA, batched
-on the hardware decoder where there is one; libjpeg on a CPU device, through the same code) and applies
-the batched augmentations of hnmix.data.gpu_augment there.
+"""--pipeline decode: DataLoader workers only read file bytes (hnmix.data.pipelines.encoded); the training
+process decodes each batch at once on the device (torchvision's decode_jpeg on a list: nvjpeg on CUDA,
+batched on the hardware decoder where there is one; libjpeg on a CPU device, through the same code) and
+applies the batched tensor ops (hnmix.data.augment.tensor) there.
 
 Images keep their own sizes: images of equal size are stacked and cropped by one roi_align call, the
 others alone, never padded to the largest of the batch (one 4000 x 3000 photo would make that gigabytes).
 Only the crops, (2B, 3, S, S), go on to the colour, blur and flip passes, all at once.
 
 Augmentation draws come from a generator seeded by (seed, step), drawn for the whole global batch and
-sliced per rank, as in hnmix.data.gpu_data: a sample's views depend on neither the world size nor resuming.
-An unreadable file is named, or with skip_corrupt replaced by the next readable file of the dataset, as
-TwoViews does; which file that is depends on the files alone, so an exact resume still holds.
+sliced per rank (hnmix.data.order.rank_rows): a sample's views depend on neither the world size nor
+resuming. An unreadable file is named, or with skip_corrupt replaced by the rule of every pipeline
+(hnmix.data.pipelines.base.fill_batch).
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from hnmix.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from hnmix.data.augment_settings import AugmentSettings
-from hnmix.data.encoded import (
+from hnmix.data.augment.draws import AugDraws, AugParams, draw_augment
+from hnmix.data.augment.settings import IMAGENET_MEAN, IMAGENET_STD, AugmentSettings
+from hnmix.data.augment.tensor import Boxes, TensorAugment, crop_boxes, finish_views, resized_crop
+from hnmix.data.normalize import normalize
+from hnmix.data.order import DECODE_DRAWS, RunBatches, rank_rows, sample_seed
+from hnmix.data.pipelines.base import Batch, Pipeline, Setup, fill_batch
+from hnmix.data.pipelines.encoded import (
     PIL_ERRORS,
     EncodedBatch,
     EncodedFiles,
@@ -35,20 +39,8 @@ from hnmix.data.encoded import (
     device_decodable,
     read_encoded,
 )
-from hnmix.data.gpu_augment import (
-    AugDraws,
-    AugParams,
-    Boxes,
-    GpuAugment,
-    crop_boxes,
-    draw_augment,
-    finish_views,
-    resized_crop,
-)
-from hnmix.data.pretrain import RunBatches, sample_seed
-from hnmix.errors import CorruptImageError, HnmixError
+from hnmix.errors import HnmixError
 
-DECODE_STREAM = -2 * 10**6  # sample_seed index of the draws; gpu_data's is -10**6, the loop's -2, -3 - rank
 # a worker only reads bytes and parses headers (0.3 ms per file from the page cache on a loaded, shared
 # core; docs/benchmarks.md): a few keep several thousand images/s coming; two batches each in flight hide a
 # slow read without holding much shared memory (15-28 MB per batch of 256 photos)
@@ -121,8 +113,7 @@ def crop_each(images: list[torch.Tensor], draws: AugDraws, size: int, params: Au
 
 
 class DecodeBatches:
-    """Steps of (view_q, view_k, labels, skipped) from image files decoded on the device per batch, the
-    loop's normalised format (hnmix.data.gpu_data.DeviceBatches' interface)."""
+    """Batches from image files decoded on the device, a batch at a time."""
 
     def __init__(self, images, device: torch.device, image_size: int, seed: int, channels_last: bool,
                  skip_corrupt: bool, workers: int = WORKERS, prefetch: int = PREFETCH,
@@ -139,7 +130,7 @@ class DecodeBatches:
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device)
-        self.augment = GpuAugment(image_size, channels_last, settings=augment).to(device)  # the views' settings
+        self.augment = TensorAugment(image_size, channels_last, settings=augment).to(device)  # the views' settings
         # about 65 elementwise passes over the (2B, 3, S, S) views: compiling fuses them (same views to 1e-6;
         # 1.7x on a CPU core for 64 views of 112 px) but costs about a minute before the first step
         self.finish = torch.compile(finish_views, dynamic=False) if compile_augment else finish_views
@@ -150,41 +141,41 @@ class DecodeBatches:
                           prefetch_factor=self.prefetch if self.workers else None,
                           worker_init_fn=self.worker_init_fn)
 
-    def __call__(self, sampler: RunBatches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        local, world_batch = sampler.batch // sampler.world, sampler.batch
-        offset = sampler.rank * local
-        # rows of the global draw for this rank: view 0 of samples [offset, offset + local), then view 1
-        rows = to_device(torch.cat([torch.arange(offset, offset + local),
-                                    world_batch + torch.arange(offset, offset + local)]), self.device)
-        view = (torch.arange(2 * local, device=self.device) >= local).long()  # queries: view 1, keys: view 2
+    def __call__(self, sampler: RunBatches) -> Iterator[Batch]:
+        local, world_batch = sampler.local, sampler.batch
+        rows, view = rank_rows(sampler)
+        rows, view = to_device(rows, self.device), view.to(self.device)  # queries: view 1, keys: view 2
         for (step, _, _), batch in zip(sampler.positions(), self.loader(sampler), strict=True):
-            images, skipped = self.decode(batch)
-            self.generator.manual_seed(sample_seed(self.seed, step, DECODE_STREAM))
+            images, used, skipped = self.decode(batch)
+            self.generator.manual_seed(sample_seed(self.seed, step, DECODE_DRAWS))
             draws = draw_augment(2 * world_batch, generator=self.generator, device=self.device).take(rows)
             params = self.augment.params(view)
             views = self.normalize(self.finish(crop_each(images, draws, self.size, params), draws, params))
-            yield views[:local], views[local:], self.labels[to_device(batch.indices, self.device)], skipped
+            yield Batch(views[:local], views[local:], self.labels[to_device(used, self.device)], skipped)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return normalize(x, self.mean, self.std, self.memory_format)
 
     # ------------------------------------------------------------------------------------- decoding
-    def decode(self, batch: EncodedBatch) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every sample's (3, h, w) uint8 image on the device, and how many unreadable files each skipped."""
+    def decode(self, batch: EncodedBatch) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Every sample's (3, h, w) uint8 image on the device, the dataset index each sample used (an
+        unreadable file replaced) and how many unreadable files each skipped."""
         jpegs = [k for k, n in enumerate(batch.lengths) if n]
         chunks = batch.data.split(batch.lengths)
         decoded = dict(zip(jpegs, decode_all([chunks[k] for k in jpegs], self.device), strict=True))
-        images, skipped = [], []
+        first = []
         for k, index in enumerate(batch.indices.tolist()):
             if k in decoded:
                 image, why = decoded[k]
-                error = why and f"cannot read image {self.paths[index]}: {why}"
+                first.append((image, why and f"cannot read image {self.paths[index]}: {why}"))
             else:
-                image, error = self._upload(batch.pixels[k]), batch.errors[k]
-            image, skip = (image, 0) if image is not None else self.replacement(index, error)
-            images.append(image)
-            skipped.append(skip)
-        return images, torch.tensor(skipped)
+                first.append((self._upload(batch.pixels[k]), batch.errors[k]))
+        indices = batch.indices.tolist()
+        if all(image is not None for image, _ in first):  # the usual case: no replacement
+            return [image for image, _ in first], batch.indices, torch.zeros(len(first), dtype=torch.long)
+        images, used, skipped = fill_batch(indices, len(self.paths), lambda slot, i: self.load(i),
+                                           self.skip_corrupt, lambda i: str(self.paths[i]), first)
+        return images, torch.tensor(used), torch.tensor(skipped)
 
     def _upload(self, pixels: torch.Tensor | None) -> torch.Tensor | None:
         return None if pixels is None else pixels.to(self.device, non_blocking=True)
@@ -197,17 +188,16 @@ class DecodeBatches:
         image, why = decode_one(torch.frombuffer(bytearray(item.data), dtype=torch.uint8), self.device)
         return image, why and f"cannot read image {self.paths[index]}: {why}"
 
-    def replacement(self, index: int, error: str) -> tuple[torch.Tensor, int]:
-        """The next readable image after unreadable `index`, and how many files it skipped (TwoViews' rule)."""
-        if not self.skip_corrupt:
-            raise CorruptImageError(f"{error} (use --skip-corrupt to skip unreadable images)")
-        n = len(self.paths)
-        for skipped in range(1, n):
-            warnings.warn(f"skipping unreadable image {self.paths[(index + skipped - 1) % n]}", stacklevel=2)
-            image, _ = self.load((index + skipped) % n)
-            if image is not None:
-                return image, skipped
-        raise HnmixError("every image in the dataset is unreadable")
+
+def open_decode(images, setup: Setup) -> tuple[DecodeBatches, str]:
+    if not hasattr(images, "paths"):
+        raise HnmixError("--pipeline decode reads image files; the built-in demo data is an array "
+                         "(use resident or pil)")
+    workers = min(setup.workers, WORKERS)
+    source = DecodeBatches(images, setup.device, setup.image_size, setup.seed, setup.channels_last,
+                           setup.skip_corrupt, workers=workers, worker_init_fn=setup.worker_init_fn,
+                           compile_augment=setup.compile, augment=setup.augment)
+    return source, f"{workers} workers read bytes, {setup.device.type} decodes and augments each batch"
 
 
 # ------------------------------------------------------------------------------------- for `auto`
@@ -238,3 +228,6 @@ def device_decode_refusal(device: torch.device) -> str | None:
     except (RuntimeError, ValueError) as e:
         return reason(e)
     return None
+
+
+PIPELINE = Pipeline("decode", open_decode)

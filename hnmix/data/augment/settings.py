@@ -1,7 +1,7 @@
 """Augmentation settings: one recipe per view, presets by name, validated before anything runs.
 
-Both pipelines read these: hnmix.data.augment (PIL, per sample in loader workers) and
-hnmix.data.gpu_augment (batched on the device). Presets, each from its source:
+Both kinds of ops read these: hnmix.data.augment.pil (one image at a time, in loader workers) and
+hnmix.data.augment.tensor (whole batches, on the device). Presets, each from its source:
 
 - mocov2 (default): MoCo v2 `aug+`, facebookresearch/moco main_moco.py (`--aug-plus`).
 - cifar: the MoCo CIFAR-10 demo, facebookresearch/moco colab/moco_cifar10_demo.ipynb (`train_transform`).
