@@ -23,10 +23,6 @@ from hnmix.negatives.base import Strategy
 from hnmix.train.build import batch_norm_for, build_model, build_strategy
 from hnmix.train.checkpoint import make_checkpoint, set_rng_state
 
-# settings a resumed run must share with its checkpoint: they shape the model or the data order
-RESUME_FIXED = ("arch", "cifar_stem", "dim", "mlp", "queue_size", "batch_size", "data", "seed", "image_size",
-                "augment")
-
 
 def effective_lr(cfg) -> float:
     return cfg.lr * cfg.batch_size / 256
@@ -68,11 +64,7 @@ class Trainer:
         self.last_good: Path | None = None
 
     def load(self, ckpt: dict, path: Path) -> None:
-        saved, current = ckpt["config"], self.cfg.model_dump(mode="json")
-        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != current[k]]  # hnmix 0.1: no augment
-        if changed:
-            diffs = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-            raise HnmixError(f"cannot resume {path}: settings differ from the checkpoint ({diffs})")
+        """The checkpoint's state (the run directory has checked its settings: hnmix.train.run_dir)."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
