@@ -72,8 +72,10 @@ def resumed_pipeline(cfg, ckpt: dict | None, console: Console) -> str | None:
     return None
 
 
-def train(cfg, info: dist.DistInfo, run_dir: RunDirectory, hooks: list[Hook] = ()) -> Trainer:
-    """Run (or continue) the pretraining of cfg on this rank in run_dir (locked); returns the Trainer at the end."""
+def train(cfg, info: dist.DistInfo, hooks: list[Hook] = (), run_dir: RunDirectory | None = None) -> Trainer:
+    """Run (or continue) the pretraining of cfg on this rank in run_dir (opened and locked here if not given);
+    returns the Trainer at the end."""
+    run_dir = run_dir or RunDirectory(cfg, info, Console(quiet=not info.is_main))
     console = run_dir.console
     ckpt = run_dir.resume()  # refuses a changed experiment before anything is written
     data = TrainingData(cfg, info, console.print, pipeline=resumed_pipeline(cfg, ckpt, console))
@@ -159,7 +161,7 @@ def pretrain(cfg, hooks: list[Hook] = ()) -> Path:
     run_dir = None
     try:
         run_dir = RunDirectory(cfg, info, Console(quiet=not info.is_main))
-        trainer = train(cfg, info, run_dir, list(hooks))
+        trainer = train(cfg, info, list(hooks), run_dir)
         finish(trainer, out)
         del trainer  # the DDP reducer holds the process group: free it before the group goes
     except BaseException:
