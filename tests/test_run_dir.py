@@ -244,3 +244,26 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints_and_stops_in_o
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) <= 4, "the failed write stops the run at the next step"
     assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 1
+
+
+def test_compare_marks_a_run_changed_on_resume(runner, small_run):
+    from hnmix.compare.grid import Point
+    from hnmix.compare.report import runs_section
+    from hnmix.compare.run import run_record
+    from hnmix.compare.runs import Run
+
+    data, out = small_run
+    resumed = pretrain(runner, data, out, "--epochs", "2", "--resume", "auto", "--allow-change", "epochs")
+    assert resumed.exit_code == 0, resumed.output
+    cfg = PretrainConfig(data=str(data), output=str(out))
+    measured = {"knn_source": "monitor", "metrics": {"knn_top1": 50.0}, "curve": []}
+    changed = run_record(Run(Point((("seed", "0"),)), out, cfg), measured, {})
+    plain = run_record(Run(Point((("seed", "1"),)), out.parent / "other", cfg), measured, {})
+    assert changed["changed_on_resume"] == [{"key": "epochs", "old": 1, "new": 2, "step": 2}]
+    assert plain["changed_on_resume"] == []
+    json.dumps(changed)  # compare.json carries the field as it is
+    lines = runs_section({"runs": [changed, plain], "missing": []})
+    marked = [line for line in lines if "changed on resume" in line]
+    assert any(line.startswith(f"| {changed['name']} (⚠ changed on resume)") for line in marked), lines
+    assert not any(plain["name"] + " (" in line for line in lines)
+    assert f"- `{changed['name']}`: epochs 1 -> 2 at step 2" in lines
