@@ -49,7 +49,7 @@ class RunDirectory:
                              f"another --output (or delete the directory) to start afresh")
         self.resumed_from: Path | None = None
         self.unreadable: Path | None = None  # a last.pt that --resume auto passed over
-        self.changes: list[Change] = []
+        self.saved: dict = {}  # the resumed checkpoint's settings
 
     def _take_lock(self) -> None:
         """Rank 0 holds the lock, before anything is written; every rank hears whether it got it."""
@@ -83,7 +83,7 @@ class RunDirectory:
             return None
         else:
             path, ckpt = found
-        self.changes = self._check_settings(ckpt["config"], path)
+        self._check_settings(ckpt["config"], path)
         self.resumed_from, self.saved = path, ckpt["config"]
         return ckpt
 
@@ -105,19 +105,22 @@ class RunDirectory:
             self.unreadable = last if last.is_file() else None
             return previous, ckpt
 
-    def _check_settings(self, saved: dict, path: Path) -> list[Change]:
+    @staticmethod
+    def changes(saved: dict, cfg) -> list[Change]:
+        """How cfg differs from a checkpoint's settings (the sections of methods neither selects aside)."""
+        return [c for c in setting_changes(type(cfg), cfg.experiment(saved), cfg.to_yaml_dict())
+                if c.key not in NOT_RECORDED]
+
+    def _check_settings(self, saved: dict, path: Path) -> None:
         """Refuse a change of a fixed setting that --allow-change does not name; nothing is written yet."""
-        cls, allowed = type(self.cfg), self.cfg.allow_change
-        changes = [c for c in setting_changes(cls, cls.experiment(saved), self.cfg.to_yaml_dict())
-                   if c.key not in NOT_RECORDED]
-        refused = [c for c in changes if c.fixed and not any(c.key == a or c.key.startswith(a + ".")
-                                                             for a in allowed)]
+        allowed = self.cfg.allow_change
+        refused = [c for c in self.changes(saved, self.cfg)
+                   if c.fixed and not any(c.key == a or c.key.startswith(a + ".") for a in allowed)]
         if refused:
             diffs = "; ".join(f"{c.flag} {show(c.old)} -> {show(c.new)}" for c in refused)
             keys = " ".join(f"--allow-change {c.key}" for c in refused)
             raise HnmixError(f"cannot resume {path} with other settings of its experiment ({diffs}): give the "
                              f"run's values, or {keys} to change it on purpose (recorded in {HISTORY})")
-        return changes
 
     # ------------------------------------------------------------------------------------ writing
 
@@ -133,15 +136,13 @@ class RunDirectory:
         truncate_metrics(self.path / "metrics.jsonl", step)
         if self.unreadable is not None:  # kept for a look, out of the way of the next save's rotation
             os.replace(self.unreadable, self.path / UNREADABLE)
-        if self.resumed_from is not None:  # the resolved settings may differ in free ones (the pipeline)
-            self.changes = [c for c in setting_changes(type(cfg), cfg.experiment(self.saved), cfg.to_yaml_dict())
-                            if c.key not in NOT_RECORDED]
+        changes = self.changes(self.saved, cfg) if self.resumed_from is not None else []
         record = {"event": "resume" if self.resumed_from is not None else "start", "step": step,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
                   "pid": os.getpid(), "hnmix": __version__,
                   "from": str(self.resumed_from) if self.resumed_from is not None else None,
-                  "changed": {c.key: {"old": c.old, "new": c.new} for c in self.changes if c.fixed},
-                  "free_changed": {c.key: {"old": c.old, "new": c.new} for c in self.changes if not c.fixed}}
+                  "changed": {c.key: {"old": c.old, "new": c.new} for c in changes if c.fixed},
+                  "free_changed": {c.key: {"old": c.old, "new": c.new} for c in changes if not c.fixed}}
         with open(self.path / HISTORY, "a") as f:
             f.write(json.dumps(record) + "\n")
 
