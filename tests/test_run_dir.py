@@ -137,14 +137,18 @@ def test_a_second_process_on_a_run_in_use_is_refused_and_the_first_finishes_unto
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() and time.time() < deadline and first.poll() is None:
         time.sleep(0.01)
-    assert first.poll() is None, "the first run ended before a second could try"
-    holder = f"pid {first.pid} on host {socket.gethostname()}"
-    for extra in (["--resume", "auto"], []):  # a scheduler's retry, a double click
-        second = subprocess.run(pretrain_cmd(data, out, *args, *extra), env=env, capture_output=True, text=True)
-        err = " ".join(second.stderr.split())
-        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
-        assert "is in use by another hnmix run" in err and holder in err, err
-    assert first.poll() is None, "the first run should still be training (make it longer)"
+    first.send_signal(signal.SIGSTOP)  # held mid-run, however slow the second process is to start
+    try:
+        assert first.poll() is None, "the first run ended before a second could try"
+        holder = f"pid {first.pid} on host {socket.gethostname()}"
+        for extra in (["--resume", "auto"], []):  # a scheduler's retry, a double click
+            second = subprocess.run(pretrain_cmd(data, out, *args, *extra), env=env, capture_output=True,
+                                    text=True)
+            err = " ".join(second.stderr.split())
+            assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+            assert "is in use by another hnmix run" in err and holder in err, err
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stderr.read()
     same_state(torch.load(tmp_path / "reference" / "last.pt", weights_only=True),
                torch.load(out / "last.pt", weights_only=True))
