@@ -4,9 +4,10 @@ A field is declared once, with `setting(...)`: default, description (the `--help
 flags that set it (default: `--field-name`, or `--section-field-name` inside a nested section), a help
 panel, a metavar and its resume policy: `fixed` (part of the experiment: a resumed run may change it only
 with `--allow-change`; the default, so a new setting is safe until declared otherwise) or `free` (how the run
-is carried out: workers, logging, save cadence). hnmix.cliopts turns a model into command-line options; `load_settings` merges, in
-increasing precedence, field defaults < `--config FILE.yaml` < flags < `--set key=value`, and names the
-source of every bad value: the flag the user typed, `--set key`, or the config file's key.
+is carried out: workers, logging, save cadence). hnmix.cliopts turns a model into command-line options;
+`load_settings` merges, in increasing precedence, field defaults < `--config FILE.yaml` < flags < `--set
+key=value`, and names the source of every bad value: the flag the user typed, `--set key`, or the config
+file's key.
 """
 
 from __future__ import annotations
