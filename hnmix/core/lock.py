@@ -2,8 +2,9 @@
 
 The kernel releases a flock when its process exits, however it exits (also SIGKILL), so a lock left by a
 crashed run never blocks the next one; the file itself stays (removing it would race with a new holder).
-On a filesystem without flock (an NFS mount with `nolock`, some FUSE mounts) the lock cannot be taken: the
-run goes on with a warning, and nothing keeps a second process out.
+On NFS, Linux maps flock to an NFS lock that holds across hosts while the server's lock service works (with
+`nolock` or `local_lock=flock` it is local to each host). Where flock fails outright (ENOLCK, some FUSE
+mounts) the run goes on with a warning, and nothing keeps a second process out.
 """
 
 from __future__ import annotations
