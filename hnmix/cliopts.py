@@ -16,7 +16,7 @@ import types
 import typing
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,12 +24,11 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
-from hnmix.core.settings import canonical_flag, field_extra, known_paths, load_settings
+from hnmix.core.settings import field_extra, known_paths, load_settings, switch_flags
 from hnmix.errors import HnmixError
 
 err_console = Console(stderr=True)
-USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, as typer ships it (unknown option, bad value)
-assert USAGE_ERROR.__name__ == "UsageError"
+USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError (typer ships its own click): bad flag or value
 OTHER = "Other options"
 
 
@@ -53,8 +52,9 @@ def user_errors():
 
 
 class SettingsCommand(TyperCommand):
-    """Plain help (wraps at any width instead of cutting words) in sections by panel; remembers the raw
-    arguments so that errors can name the alias the user typed."""
+    """typer's plain help, with the options in sections by their rich_help_panel (typer's plain help has
+    one section; its rich help squeezes the text column to a few words at 80 columns and prints <str>),
+    wrapped without splitting words. Remembers the raw arguments, so that errors name the alias typed."""
 
     def parse_args(self, ctx, args):
         ctx.meta["hnmix_args"] = list(args)
@@ -67,54 +67,41 @@ class SettingsCommand(TyperCommand):
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         """Usage names the visible arguments only (a hidden catch-all stays out of it)."""
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if not (param.param_type_name == "argument" and param.hidden):
-                pieces.extend(param.get_usage_pieces(ctx))
-        return pieces
+        visible = [p for p in self.get_params(ctx) if not (p.param_type_name == "argument" and p.hidden)]
+        return [self.options_metavar, *[piece for p in visible for piece in p.get_usage_pieces(ctx)]]
 
     def format_options(self, ctx, formatter) -> None:
         sections: dict[str, list] = defaultdict(list)
         for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
+            if param.param_type_name == "argument":  # typer's record would add <str>
                 if not param.hidden:
                     sections["Arguments"].append((param.metavar or param.name.upper(), param.help or ""))
-                continue
-            record = param.get_help_record(ctx)
-            if record is not None:
+            elif (record := param.get_help_record(ctx)) is not None:  # None: hidden
                 sections[getattr(param, "rich_help_panel", None) or OTHER].append(record)
+        if set(sections) - {"Arguments"} == {OTHER}:
+            sections["Options"] = sections.pop(OTHER)
         column = min(max(len(term) for records in sections.values() for term, _ in records) + 2, 32)
-        for name, records in sorted(sections.items(), key=lambda kv: (kv[0] != "Arguments", kv[0] == OTHER)):
-            panels = set(sections) - {"Arguments"}
-            heading = "Options" if name == OTHER and panels == {OTHER} else name
-            formatter.write_paragraph()
-            for line in textwrap.wrap(f"{heading}:", max(formatter.width - formatter.current_indent, 20)):
-                formatter.write(f"{' ' * formatter.current_indent}{line}\n")
-            formatter.indent()
-            write_definitions(formatter, records, column)
-            formatter.dedent()
+        for name in sorted(sections, key=lambda name: (name != "Arguments", name == OTHER)):  # stable: panels
+            formatter.write_paragraph()                                                   # in field order
+            formatter.write_text(f"{name}:")
+            with formatter.indentation():
+                write_definitions(formatter, sections[name], column)
 
 
 def write_definitions(formatter, records: list[tuple[str, str]], column: int) -> None:
-    """click's definition list, but words are never split (a path in a help text stays whole): the text
-    column wraps at the terminal's width, a term longer than the column gets a line of its own."""
+    """click's definition list, but words are never split (click splits a path or a --flag-name in a help
+    text at its hyphens): the text column wraps at the terminal's width, a longer term has a line of its own."""
     indent = " " * formatter.current_indent
     width = max(formatter.width - formatter.current_indent - column, 20)
     for term, text in records:
         lines = textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False) or [""]
-        if len(term) + 2 > column:
-            formatter.write(f"{indent}{term}\n")
-            lines_out = lines
-        else:
-            formatter.write(f"{indent}{term:<{column}}{lines[0]}\n")
-            lines_out = lines[1:]
-        for line in lines_out:
-            formatter.write(f"{indent}{' ' * column}{line}\n")
+        first = f"{indent}{term:<{column}}{lines.pop(0)}" if len(term) + 2 <= column else f"{indent}{term}"
+        formatter.write("\n".join([first, *(f"{indent}{' ' * column}{line}" for line in lines)]) + "\n")
 
 
 @dataclass
 class Flag:
-    """One command-line option: the setting paths it sets and its option strings."""
+    """One command-line option: the setting paths it sets and its option strings (`--mlp/--no-mlp`)."""
 
     name: str  # the python parameter name
     paths: list[tuple[str, ...]]
@@ -122,7 +109,6 @@ class Flag:
     field: Any
     panel: str | None
     extra_help: str = ""
-    aliases: list[str] = field(default_factory=list)
 
 
 def _base_type(annotation):
@@ -142,43 +128,42 @@ def _default_text(field_info) -> str:
     if field_info.is_required():
         return " [required]"
     default = field_info.get_default(call_default_factory=True)
-    if default is None:
+    if default is None or (isinstance(default, list | tuple) and not default):
         return ""
-    def text(v) -> str:
-        return f"{v:.6g}" if isinstance(v, float) else str(v)
 
-    if isinstance(default, list | tuple):
-        return f" [default: {','.join(map(text, default))}]" if default else ""
-    if isinstance(default, float):
-        default = text(default)
-    return f" [default: {str(default).lower() if isinstance(default, bool) else default}]"
+    def text(v) -> str:
+        return f"{v:.6g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return f" [default: {','.join(map(text, default)) if isinstance(default, list | tuple) else text(default)}]"
+
+
+def _with_off_switch(f, decls: list[str]) -> list[str]:
+    """A boolean setting's first flag becomes its on/off pair (hnmix.core.settings.switch_flags)."""
+    if _base_type(f.annotation)[0] is not bool:
+        return decls
+    on, off = switch_flags(f, decls[0])
+    return [f"{on}/{off}" if off else on, *decls[1:]]
 
 
 def collect_flags(cls) -> list[Flag]:
     """The options of a settings model; a flag declared on several fields (e.g. --N for every method's N)
     becomes one option that sets all of them."""
-    by_decl: dict[str, list[tuple[str, ...]]] = defaultdict(list)
     fields = {p: f for p, f in known_paths(cls).items() if field_extra(f)["cli"] and not field_extra(f)["argument"]}
-    declared: dict[tuple[str, ...], list[str]] = {}
-    for path, f in fields.items():
-        decls = field_extra(f)["flags"] or ["--" + "-".join(path).replace("_", "-")]
-        declared[path] = decls
+    declared = {path: field_extra(f)["flags"] or ["--" + "-".join(path).replace("_", "-")] for path, f in fields.items()}
+    sharers: dict[str, list[tuple[str, ...]]] = defaultdict(list)  # option string -> the paths declaring it
+    for path, decls in declared.items():
         for d in decls:
-            for one in d.split("/")[:1]:
-                by_decl[one].append(path)
-    flags, shared_done = [], set()
+            sharers[d.split("/")[0]].append(path)
+    flags = []
     for path, f in fields.items():
         panel = field_extra(f)["panel"] or _section_panel(cls, path)
-        own = [d for d in declared[path] if len(by_decl[d.split("/")[0]]) == 1]
-        if own:
-            flags.append(Flag("f_" + "__".join(path), [path], own, f, panel))
+        if own := [d for d in declared[path] if len(sharers[d.split("/")[0]]) == 1]:
+            flags.append(Flag("f_" + "__".join(path), [path], _with_off_switch(f, own), f, panel))
         for d in declared[path]:
-            sharers = by_decl[d.split("/")[0]]
-            if len(sharers) > 1 and d not in shared_done:
-                shared_done.add(d)
-                names = ", ".join(".".join(p) for p in sharers)
-                flags.append(Flag("f_" + d.strip("-").replace("-", "_") + "__shared", sharers, [d], f, panel,
-                                  f" (sets {names})"))
+            paths = sharers[d.split("/")[0]]
+            if len(paths) > 1 and paths[0] == path:  # the first field declaring a shared flag adds its option
+                flags.append(Flag("f_" + d.strip("-").replace("-", "_") + "__shared", paths, _with_off_switch(f, [d]),
+                                  f, panel, f" (sets {', '.join('.'.join(p) for p in paths)})"))
     return flags
 
 
@@ -195,10 +180,7 @@ def option_parameter(flag: Flag) -> inspect.Parameter:
     tp, _ = _base_type(f.annotation)
     help_text = f"{f.description}{flag.extra_help}{_default_text(f)}"
     kwargs: dict[str, Any] = dict(help=help_text, show_default=False, rich_help_panel=flag.panel)
-    decls = list(flag.decls)
     if tp is bool:
-        if "/" not in decls[0] and not (extra["flags"] and f.default is False):  # a declared off-by-default
-            decls[0] = f"{decls[0]}/--no-{decls[0].lstrip('-')}"                   # flag stays a plain switch
         annotation = bool | None
     elif typing.get_origin(tp) is Literal:  # pydantic checks the choice: its error names the flag, in one line
         annotation = str | None
@@ -218,7 +200,7 @@ def option_parameter(flag: Flag) -> inspect.Parameter:
         annotation = (tp if tp in (int, float, str) else str) | None
         kwargs["metavar"] = extra["metavar"] or {int: "INT", float: "FLOAT"}.get(tp, "TEXT")
     return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[annotation, typer.Option(*decls, **kwargs)])
+                             annotation=Annotated[annotation, typer.Option(*flag.decls, **kwargs)])
 
 
 def argument_parameter(name: str, f) -> inspect.Parameter:
@@ -238,7 +220,7 @@ def typed_flag(flag: Flag, raw_args: list[str]) -> str:
     for arg in reversed(raw_args):
         name = arg.split("=", 1)[0]
         if name in strings:
-            return name.split("/")[0]
+            return name
     return strings[0]
 
 
@@ -292,22 +274,13 @@ def settings_command(app: typer.Typer, cls, run: Callable[..., Any], *, name: st
             settings = load_settings(cls, kwargs.get("config"), given, kwargs.get("set_"))
             return run(settings, **{k: kwargs[k] for k in extra})
 
-    command.__signature__ = inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = help
+    command.__signature__ = inspect.Signature(params)  # typer reads the options off the signature
     app.command(name, cls=SettingsCommand, help=help)(command)
 
 
 def flags_of(cls) -> set[str]:
     """Every option string a settings command accepts (for docs checks)."""
-    out = {"--config", "--set"}
-    for flag in collect_flags(cls):
-        for d in flag.decls:
-            out.update(s for s in d.split("/") if s.startswith("-"))
-            if "/" not in d and _base_type(flag.field.annotation)[0] is bool and not (
-                    field_extra(flag.field)["flags"] and flag.field.default is False):
-                out.add(f"--no-{d.lstrip('-')}")
-    return out
+    return {"--config", "--set"} | {s for flag in collect_flags(cls) for d in flag.decls for s in d.split("/")}
 
 
-__all__ = ["SettingsCommand", "canonical_flag", "collect_flags", "flags_of", "settings_command", "user_errors"]
+__all__ = ["SettingsCommand", "collect_flags", "flags_of", "settings_command", "user_errors"]

@@ -1,6 +1,7 @@
 """`hnmix pretrain` end to end, and every bad input: one clear line, non-zero exit, no traceback."""
 
 import json
+import re
 
 import pytest
 import timm
@@ -80,12 +81,38 @@ def test_yaml_config_and_set_overrides(runner, tmp_path):
     (["--resume", "/no/such/last.pt"], "checkpoint not found"),
     (["--set", "qeueu_size=64"], "unknown setting 'qeueu_size'"),
     (["--bn", "split:3"], "does not split into 3"),
-    (["--arch", "vit_tiny_patch16_224"], "does not take 16 px images"),
+    (["--arch", "test_convnext"], "does not take 16 px images"),  # its 2x2 kernels outgrow a 16 px input
 ])
 def test_bad_settings(runner, tmp_path, args, message):
     base = ["--data", "demo", "--output", str(tmp_path / "r"), *TINY]
     assert_clean_error(invoke(runner, *base, *args), message)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_vit_is_built_for_the_image_size(runner, tmp_path):
+    # timm's vit_tiny is made for 224 px; at --image-size 32 its position embedding has (32/16)^2 + 1 tokens
+    out = tmp_path / "r"
+    result = invoke(runner, "--data", "demo", "--output", str(out), *TINY, "--arch", "vit_tiny_patch16_224",
+                    "--image-size", "32", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    state = torch.load(out / "backbone.pt", weights_only=True)
+    assert state["pos_embed"].shape == (1, 2 * 2 + 1, 192)
+    from hnmix.models.weights import build_backbone, load_backbone_weights
+
+    backbone, arch, _ = build_backbone(load_backbone_weights(out / "last.pt"))  # what lineval and analyze load
+    assert arch == "vit_tiny_patch16_224" and backbone.pos_embed.shape == (1, 5, 192)
+    assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 192)
+
+
+def test_a_resume_that_changes_a_switch_names_the_flag_typed(runner, tmp_path):
+    out = tmp_path / "r"
+    assert invoke(runner, "--data", "demo", "--output", str(out), *TINY, "--max-steps", "1").exit_code == 0
+    result = invoke(runner, "--data", "demo", "--output", str(out), *TINY, "--resume", str(out / "last.pt"),
+                    "--no-mlp")
+    assert_clean_error(result, "--no-mlp")  # the flag typed, and the checkpoint's side as a flag too
+    assert "--mlp" in result.stderr.replace("--no-mlp", "") and not re.search(r"\b(True|False)\b", result.stderr)
 
 
 def test_empty_data_dir(runner, tmp_path):

@@ -14,7 +14,7 @@ from hnmix.cli import app
 from hnmix.cliopts import collect_flags, flags_of
 from hnmix.compare.config import CompareConfig
 from hnmix.config import BenchConfig, PretrainConfig
-from hnmix.core.settings import known_paths, load_config
+from hnmix.core.settings import canonical_flag, known_paths, load_config
 from hnmix.detection.config import ConvertConfig, TransferDetectConfig
 from hnmix.eval.config import LinevalConfig
 
@@ -73,6 +73,16 @@ def test_errors_name_the_flag_the_user_typed_in_one_line(runner, args, named):
     err = result.stderr.strip()
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert len(err.splitlines()) == 1 and err.startswith("error:") and named in err, err
+
+
+def test_a_switch_is_named_by_the_side_that_gives_the_value(runner):
+    assert [canonical_flag(PretrainConfig, ("mlp",), v) for v in (True, False, None)] == ["--mlp", "--no-mlp", "--mlp"]
+    assert canonical_flag(BenchConfig, ("mochi_naive",), False) == "--mochi-fused"  # a declared pair
+    assert canonical_flag(BenchConfig, ("mochi_naive",)) == "--mochi-naive"
+    assert canonical_flag(BenchConfig, ("profile",), False) == "--profile"  # a plain switch has no off flag
+    assert canonical_flag(PretrainConfig, ("dim",), False) == "--dim"  # not a switch: a falsy value is no side
+    result = runner.invoke(app, ["pretrain", "--no-mlp=1"])
+    assert result.exit_code == 2 and "'--no-mlp' does not take a value" in result.stderr
 
 
 def test_a_flag_shared_by_two_methods_fails_once(runner):

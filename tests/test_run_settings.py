@@ -58,3 +58,10 @@ def test_analyze_of_a_backbone_uses_its_runs_size(runner, run_dir, labelled, tmp
     assert result.exit_code == 0, result.output
     (r,) = json.loads((tmp_path / "an" / "analysis.json").read_text())["results"]
     assert r["image_size"] == 16 and r["arch"] == "resnet18"
+
+
+def test_a_contradicting_switch_is_named_as_typed(runner, run_dir, labelled, tmp_path):
+    result = runner.invoke(app, ["lineval", "--weights", str(run_dir / "backbone.pt"), "--data", str(labelled),
+                                 "--protocol", "knn", "--workers", "0", "--no-cifar-stem", "--output", str(tmp_path)])
+    assert result.exit_code == 2 and "--no-cifar-stem does not match the run's" in result.stderr, result.output
+    assert "(--cifar-stem;" in result.stderr and "=False" not in result.stderr

@@ -27,8 +27,8 @@ def synthetic_views(batch_size: int, image_size: int, device: torch.device,
                                          device=device, dtype=torch.uint8)) for _ in range(2))
 
 
-def mlp_encoder(arch: str, cifar_stem: bool, dim: int, mlp: bool) -> nn.Module:
-    backbone = create_backbone(arch, cifar_stem)
+def mlp_encoder(arch: str, cifar_stem: bool, dim: int, mlp: bool, image_size: int | None = None) -> nn.Module:
+    backbone = create_backbone(arch, cifar_stem, image_size=image_size)
     width = backbone.num_features
     head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim)) if mlp \
         else nn.Linear(width, dim)
@@ -81,7 +81,7 @@ def bare_step_timer(arch: str, cifar_stem: bool, image_size: int, batch_size: in
                     views: tuple[torch.Tensor, torch.Tensor] | None = None) -> BareStep:
     """The bare step on `views` (default: synthetic_views, the same draws as `hnmix bench --data synthetic`)."""
     enable_fast_kernels(device)  # cudnn.benchmark on CUDA
-    encoder = mlp_encoder(arch, cifar_stem, dim, mlp).to(device)
+    encoder = mlp_encoder(arch, cifar_stem, dim, mlp, image_size).to(device)
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     if views is None:

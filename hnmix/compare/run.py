@@ -142,7 +142,7 @@ def train_all(runs: list[Run], cfg: CompareConfig, console: Console) -> tuple[di
     return measured, failed
 
 
-def print_commands(runs: list[Run], cfg: CompareConfig, console: Console) -> list[str]:
+def print_commands(runs: list[Run], cfg: CompareConfig) -> list[str]:
     """One runnable line per run still to do (stdout); finished runs are noted on stderr."""
     lines = []
     for run in runs:
@@ -232,7 +232,7 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
     runs = plan_runs(cross(axes), out, cfg.config, cfg.sets)
     check_drift(runs)
     if cfg.dry_run:
-        return {"commands": print_commands(runs, cfg, console)}
+        return {"commands": print_commands(runs, cfg)}
     try:
         if cfg.report_only:
             measured = {r.name: measure_and_say(r, cfg, console, r.name) for r in runs if r.finished}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,30 +217,56 @@ def load_config(cls: type[Settings], config_file: str | Path | None = None, over
     return load_settings(cls, config_file, None, sets, values=values)
 
 
-def canonical_flag(cls: type[BaseModel], path: tuple[str, ...]) -> str | None:
+def switch_flags(field, decl: str) -> tuple[str, str | None]:
+    """(on, off) option strings of a boolean setting's flag: `--x/--no-x` unless declared as a pair
+    (`--mochi-naive/--mochi-fused`) or as an off-by-default plain switch (`--profile`: off is None)."""
+    on, _, off = decl.partition("/")
+    if off or (field_extra(field)["flags"] and field.default is False):
+        return on, off or None
+    return on, f"--no-{on.removeprefix('--')}"
+
+
+def canonical_flag(cls: type[BaseModel], path: tuple[str, ...], value: Any = None) -> str | None:
+    """The flag that sets path (its --set key if it has none); for a boolean setting and a value, the flag
+    that gives that value (mlp=False: `--no-mlp`)."""
     field = known_paths(cls).get(path)
     if field is None:
         return None
     extra = field_extra(field)
     if not extra["cli"] or extra["argument"]:
         return dotted(path)
-    return extra["flags"][0] if extra["flags"] else "--" + "-".join(path).replace("_", "-")
+    on, off = switch_flags(field, extra["flags"][0] if extra["flags"] else "--" + "-".join(path).replace("_", "-"))
+    is_switch = field.annotation is bool or bool in typing.get_args(field.annotation)  # bool, bool | None
+    return (off or on) if is_switch and value is False else on
 
 
 @dataclass(frozen=True)
 class Change:
     key: str  # dotted, as --set and --allow-change take it
-    flag: str
+    flag: str  # the flag that gives the new value (a switch: its side, --no-mlp)
+    old_flag: str  # the one that gives the old value
     old: Any
     new: Any
     fixed: bool  # the setting's resume policy
+
+    def __str__(self) -> str:
+        """As the user types it: `--epochs 1 -> 2`, `--mlp -> --no-mlp`."""
+        if isinstance(self.new, bool) and self.flag != self.old_flag:
+            return f"{self.old_flag} -> {self.flag}"
+        return f"{self.flag} {value_text(self.old)} -> {value_text(self.new)}"
+
+
+def value_text(value: Any) -> str:
+    """A value as a flag takes it (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def setting_changes(cls: type[BaseModel], old: dict, new: dict) -> list[Change]:
     """Settings whose values differ between two saved configurations (model_dump(mode="json") dicts), in
     field order; a setting missing from either side (saved by another version) is not a change."""
     before, after = flatten(cls, migrate_values(cls, old)), flatten(cls, new)
-    return [Change(dotted(path), canonical_flag(cls, path) or dotted(path), before[path], after[path],
+    return [Change(dotted(path), canonical_flag(cls, path, after[path]) or dotted(path),
+                   canonical_flag(cls, path, before[path]) or dotted(path), before[path], after[path],
                    field_extra(field)["resume"] == "fixed")
             for path, field in known_paths(cls).items()
             if path in before and path in after and before[path] != after[path]]
@@ -250,7 +277,7 @@ def format_validation_error(e: ValidationError, source: dict | None = None, cls=
     parts = []
     for err in e.errors():
         path = tuple(str(x) for x in err["loc"])
-        where = (source or {}).get(path) or (cls and canonical_flag(cls, path)) or dotted(path)
+        where = (source or {}).get(path) or (cls and canonical_flag(cls, path, err.get("input"))) or dotted(path)
         msg = err["msg"].removeprefix("Value error, ")
         part = f"{where}: {msg}" if where else msg
         if part not in parts:  # a flag shared by two sections (--N) fails once, not twice

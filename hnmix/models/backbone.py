@@ -21,18 +21,27 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-def create_backbone(arch: str, cifar_stem: bool = False, zero_init_residual: bool = False) -> nn.Module:
+def create_backbone(arch: str, cifar_stem: bool = False, zero_init_residual: bool = False,
+                    image_size: int | None = None) -> nn.Module:
     """A randomly initialised timm model without classifier: ``model(x)`` returns pooled features.
 
     The default is the ResNet init of torchvision (and so of official MoCo): the last BN of each residual
-    branch starts at weight 1; zero_init_residual=True gives timm's 0. Families without that option ignore it.
+    branch starts at weight 1; zero_init_residual=True gives timm's 0. A model built for one input size (a
+    ViT's position embedding) is built for image_size. A family without one of these options (timm's
+    TypeError names it) is built without it.
     """
     check_arch(arch)
-    try:
-        model = timm.create_model(arch, pretrained=False, num_classes=0,
-                                  **({} if zero_init_residual else {"zero_init_last": False}))
-    except TypeError:  # a family that has no zero_init_last option
-        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    options = {**({} if zero_init_residual else {"zero_init_last": False}),
+               **({"img_size": image_size} if image_size else {})}
+    while True:
+        try:
+            model = timm.create_model(arch, pretrained=False, num_classes=0, **options)
+            break
+        except TypeError as e:
+            unknown = [k for k in options if f"'{k}'" in str(e)]
+            if not unknown:
+                raise
+            del options[unknown[0]]
     if cifar_stem:
         apply_cifar_stem(model, arch)
     return model

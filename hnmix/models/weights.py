@@ -83,7 +83,8 @@ def resolve_arch(weights: BackboneWeights, arch: str | None, cifar_stem: bool | 
         raise HnmixError(f"--arch {arch} does not match {weights.config_source} arch {weights.arch} "
                          f"({weights.path})")
     if weights.cifar_stem is not None and cifar_stem is not None and cifar_stem != weights.cifar_stem:
-        raise HnmixError(f"--cifar-stem={cifar_stem} does not match {weights.config_source} stem ({weights.path})")
+        typed, saved = ("--cifar-stem", "--no-cifar-stem") if cifar_stem else ("--no-cifar-stem", "--cifar-stem")
+        raise HnmixError(f"{typed} does not match {weights.config_source} stem ({saved}; {weights.path})")
     final = weights.arch or arch
     if not final:
         raise HnmixError(f"{weights.path} does not say its architecture: pass --arch")
@@ -98,7 +99,7 @@ def build_backbone(
     from hnmix.models.backbone import create_backbone
 
     arch, stem = resolve_arch(weights, arch, cifar_stem)
-    model = create_backbone(arch, cifar_stem=stem)
+    model = create_backbone(arch, cifar_stem=stem, image_size=weights.config.get("image_size"))  # a ViT's size
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights.state_dict))
     unexpected = sorted(set(weights.state_dict) - set(expected))

@@ -27,7 +27,7 @@ def batch_norm_for(cfg, world: int, local_batch: int, device: torch.device) -> B
 
 def build_model(cfg, bn: BatchNorm, world: int, warn: Callable[[str], object]) -> MoCo:
     """The MoCo model of cfg with the batch-norm policy bn (resolved); warns where bn has no effect."""
-    backbone = create_backbone(cfg.arch, cfg.cifar_stem, zero_init_residual=cfg.zero_init_residual)
+    backbone = create_backbone(cfg.arch, cfg.cifar_stem, cfg.zero_init_residual, cfg.image_size)
     check_image_size(backbone, cfg.arch, cfg.image_size)
     plain, other = count_batchnorms(backbone)
     if bn.mode != "plain" and plain == 0:

@@ -117,7 +117,7 @@ class RunDirectory:
         refused = [c for c in self.changes(saved, self.cfg)
                    if c.fixed and not any(c.key == a or c.key.startswith(a + ".") for a in allowed)]
         if refused:
-            diffs = "; ".join(f"{c.flag} {show(c.old)} -> {show(c.new)}" for c in refused)
+            diffs = "; ".join(map(str, refused))
             keys = " ".join(f"--allow-change {c.key}" for c in refused)
             raise HnmixError(f"cannot resume {path} with other settings of its experiment ({diffs}): give the "
                              f"run's values, or {keys} to change it on purpose (recorded in {HISTORY})")
@@ -150,12 +150,6 @@ class RunDirectory:
         """A run that failed before saving anything leaves no half-made directory behind (a new one only)."""
         if self.info.is_main and self.created is not None and self.path.is_dir() and not (self.path / LAST).exists():
             shutil.rmtree(self.created, ignore_errors=True)
-
-
-def show(value) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
 
 
 def recorded_changes(run_dir: Path) -> list[dict]:
