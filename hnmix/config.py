@@ -7,13 +7,14 @@ Precedence: field defaults < `--config FILE.yaml` < flags < `--set key=value` (`
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from hnmix.core.settings import Settings, setting
+from hnmix.core.settings import Settings, setting, setting_names
 from hnmix.data.augment.settings import AugmentSettings
 from hnmix.data.demo import DEMO
 from hnmix.data.folder import check_data_path
@@ -63,16 +64,17 @@ class PretrainBase(Settings):
     data: str = setting(DEMO, "ImageFolder root, a root holding train/, a flat folder of images (searched "
                         "recursively), or 'demo' for the built-in dataset", metavar="DIR", panel=DATA)
     image_size: int = setting(224, "crop size in pixels", ge=8, panel=DATA)
-    workers: int = setting(8, "data-loader worker processes per rank", ge=0, panel=DATA)
+    workers: int = setting(8, "data-loader worker processes per rank", ge=0, panel=DATA, resume="free")
     pipeline: Literal["auto", "resident", "decode", "pil"] = setting(
         "auto", "how images become views: resident = decoded once (cached on disk), held on the device, "
         "augmented there in whole batches; decode = workers read JPEG bytes, the device decodes and augments "
         "each batch; pil = DataLoader workers decode and augment with PIL. auto = resident for small images "
         "that fit a quarter of a CUDA device's memory, decode for JPEG photos on CUDA, pil otherwise; the "
         "choice is saved in config.yaml and kept by a resumed run (--data-on-gpu on/off: hnmix 0.1's names for "
-        "resident/pil)", flags=("--pipeline", "--data-on-gpu"), panel=DATA)
+        "resident/pil)", flags=("--pipeline", "--data-on-gpu"), panel=DATA,
+        resume="free")
     skip_corrupt: bool = setting(False, "replace unreadable images by the next one (counted) instead of stopping",
-                                 panel=DATA)
+                                 panel=DATA, resume="free")
     augment: AugmentSettings = Field(default_factory=AugmentSettings, description=AUGMENT,
                                      json_schema_extra={"panel": AUGMENT})
     # model
@@ -111,26 +113,37 @@ class PretrainBase(Settings):
                                   panel=OPTIM)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
         "auto", "autocast precision; auto = bf16 on GPU, fp32 on CPU", panel=OPTIM)
-    channels_last: bool = setting(True, "channels-last memory format for conv nets", panel=OPTIM)
+    channels_last: bool = setting(True, "channels-last memory format for conv nets", panel=OPTIM,
+                                  resume="free")
     compile: bool = setting(False, "torch.compile the two encoders in place (checkpoint keys unchanged): fused "
                             "kernels, split BN as grouped statistics; the first steps compile (tens of seconds, "
-                            "minutes on a CPU; printed). Pays off for small models: docs/benchmarks.md", panel=OPTIM)
+                            "minutes on a CPU; printed). Pays off for small models: docs/benchmarks.md", panel=OPTIM,
+                            resume="free")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = setting(
         "default", "torch.compile mode: reduce-overhead also replays each encoder pass as a CUDA graph (no "
-        "launch cost: the lever for small models, at the price of memory for static buffers)", panel=OPTIM)
+        "launch cost: the lever for small models, at the price of memory for static buffers)", panel=OPTIM,
+        resume="free")
     seed: int = setting(0, "seed of data order, augmentations and synthetic draws", panel=OPTIM)
     # run directory and devices
-    device: Literal["auto", "cuda", "cpu"] = setting("auto", "auto = cuda when available", panel=RUN)
-    output: str = setting("runs/pretrain", "run directory", flags=("--output", "-o"), metavar="DIR", panel=RUN)
+    device: Literal["auto", "cuda", "cpu"] = setting("auto", "auto = cuda when available", panel=RUN, resume="free")
+    output: str = setting("runs/pretrain", "run directory", flags=("--output", "-o"), metavar="DIR", panel=RUN,
+                         resume="free")
     resume: str | None = setting(None, "'auto' (last.pt in --output, if any) or a checkpoint path",
-                                 metavar="auto|FILE", panel=RUN)
+                                 metavar="auto|FILE", panel=RUN, resume="free")
+    allow_change: list[str] = setting(
+        [], "on --resume, let this setting of the experiment (not marked free) differ from the checkpoint's: a "
+        "name as --set takes it (epochs, mochi.s, augment); repeatable. Recorded in history.jsonl; config.yaml "
+        "keeps the original; compare marks the run", metavar="KEY", panel=RUN, resume="free")
     save_every: int = setting(0, "also checkpoint every this many steps (0 = each epoch end only)", ge=0,
-                              panel=RUN)
-    keep_every: int = setting(0, "keep a copy epoch_NNNN.pt every this many epochs (0 = none)", ge=0, panel=RUN)
-    log_every: int = setting(10, "steps between metric read-backs (metrics.jsonl, TensorBoard)", ge=1, panel=RUN)
-    knn_every: int = setting(0, "run the kNN monitor every this many epochs (0 = off)", ge=0, panel=RUN)
+                              panel=RUN, resume="free")
+    keep_every: int = setting(0, "keep a copy epoch_NNNN.pt every this many epochs (0 = none)", ge=0, panel=RUN,
+                              resume="free")
+    log_every: int = setting(10, "steps between metric read-backs (metrics.jsonl, TensorBoard)", ge=1, panel=RUN,
+                             resume="free")
+    knn_every: int = setting(0, "run the kNN monitor every this many epochs (0 = off)", ge=0, panel=RUN,
+                             resume="free")
     knn_data: str | None = setting(None, "kNN monitor data: 'demo' or a root holding train/ (bank) and val/ "
-                                   "(queries); default: --data", metavar="DIR", panel=RUN)
+                                   "(queries); default: --data", metavar="DIR", panel=RUN, resume="free")
     eval_transform: Literal["auto", "at-size", "resize-crop"] = setting(
         "auto", "how the kNN monitor, lineval and analyze see an image of this run: at-size = short side to "
         "--image-size and centre crop (images already that size unchanged: MoCo's CIFAR-10 demo, solo-learn); "
@@ -182,6 +195,17 @@ class PretrainBase(Settings):
         """hnmix 0.1's data_on_gpu on/off (which YAML reads as booleans) name resident/pil."""
         return {True: "resident", False: "pil", "on": "resident", "off": "pil"}.get(v, v)
 
+    @field_validator("allow_change")
+    @classmethod
+    def _allow_change_known(cls, v: list[str]) -> list[str]:
+        names = setting_names(cls)
+        keys = [key.strip().replace("-", "_") for key in v]
+        for key in keys:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                raise ValueError(f"unknown setting '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        return keys
+
     @field_validator("resume")
     @classmethod
     def _resume_exists(cls, v: str | None) -> str | None:
@@ -220,7 +244,12 @@ class PretrainBase(Settings):
 
     def to_yaml_dict(self) -> dict:
         """Every setting, but only the selected method's section (the others are unused defaults)."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in METHODS or k == self.method}
+        return self.experiment(self.model_dump(mode="json"))
+
+    @staticmethod
+    def experiment(values: dict) -> dict:
+        """Saved settings without the sections of the methods they did not select."""
+        return {k: v for k, v in values.items() if k not in METHODS or k == values.get("method")}
 
     @classmethod
     def renamed(cls) -> dict[tuple[str, ...], tuple[tuple[str, ...], ...]]:

@@ -150,7 +150,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runner, tmp_pa
     ok = invoke(runner, *args[:-4], "--max-steps", "1", "--save-every", "1", "--output", str(out))
     assert ok.exit_code == 0
     good = torch.load(out / "last.pt", weights_only=True)
-    result = invoke(runner, *args, "--resume", "auto", "--lr", "1e30", "--set", "max_steps=40")
+    result = invoke(runner, *args, "--resume", "auto", "--lr", "1e30", "--set", "max_steps=40",
+                    "--allow-change", "lr", "--allow-change", "max_steps")  # a blow-up on purpose
     assert_clean_error(result, "non-finite loss at step")
     assert "lr" in result.stderr and "the last good checkpoint is" in result.stderr
     kept = torch.load(out / "last.pt", weights_only=True)

@@ -32,9 +32,10 @@ def test_auto_is_resolved_saved_and_kept_on_resume(runner, tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["config"]["pipeline"] == "pil"
     # the checkpoint says pil: a resume with auto keeps it; an explicit other pipeline is honoured, with a warning
     (out / "backbone.pt").unlink()
-    again = pretrain(runner, data, out, "--epochs", "2", "--resume", "auto")
+    again = pretrain(runner, data, out, "--epochs", "2", "--resume", "auto", "--allow-change", "epochs")
     assert again.exit_code == 0 and "pil: " in again.stdout and "auto:" not in again.stdout, again.output
-    other = pretrain(runner, data, out, "--epochs", "3", "--resume", "auto", "--pipeline", "resident")
+    other = pretrain(runner, data, out, "--epochs", "3", "--resume", "auto", "--pipeline", "resident",
+                     "--allow-change", "epochs")
     assert other.exit_code == 0, other.output
     assert "resuming a run trained with --pipeline pil on --pipeline resident" in " ".join(other.stdout.split())
 

@@ -32,6 +32,7 @@ from hnmix.core.log import eval_progress
 from hnmix.core.settings import setting_names
 from hnmix.data.demo import DEMO
 from hnmix.errors import HnmixError
+from hnmix.train.run_dir import recorded_changes
 
 PROBE_KEYS = {"fast": "probe", "moco": "linear"}  # --probe -> metric key prefix
 BUDGET_SHOWN = ("epochs", "max_steps", "batch_size", "data", "arch", "image_size")
@@ -161,7 +162,7 @@ def run_record(run: Run, measurement: dict, analysis: dict) -> dict:
     return {"name": run.name, "arm": run.point.arm.name, "seed": run.config.seed,
             "point": dict(run.point.items), "method": method_of(run), "dir": str(run.dir),
             "knn_source": measurement["knn_source"], "metrics": {**measurement["metrics"], **analysis},
-            "curve": measurement["curve"]}
+            "curve": measurement["curve"], "changed_on_resume": recorded_changes(run.dir)}
 
 
 def arms_of(records: list[dict], points: list[Point]) -> list[ArmData]:

@@ -64,3 +64,12 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (a picklable value); identity without a process group."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

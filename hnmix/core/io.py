@@ -12,16 +12,59 @@ import torch
 from hnmix.errors import HnmixError
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """Write beside the target, fsync, then rename: a crash leaves the old file or the new one, never half."""
+class _WriteErrors:
+    """A file that remembers the OSError of a failed write: torch.save reports a full disk (ENOSPC, EFBIG) as
+    an opaque RuntimeError about stream positions, and the cause is what the user needs."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames in a directory durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str | Path, previous: str | Path | None = None) -> None:
+    """Write beside the target, fsync, then rename: a crash leaves the old file or the new one, never half.
+    With `previous`, the file being replaced is first renamed to it, once the new one is complete on disk.
+    A failed write (full disk) raises its OSError and leaves every existing file as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            out = _WriteErrors(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -2,9 +2,12 @@
 
 A field is declared once, with `setting(...)`: default, description (the `--help` text), and optionally the
 flags that set it (default: `--field-name`, or `--section-field-name` inside a nested section), a help
-panel and a metavar. hnmix.cliopts turns a model into command-line options; `load_settings` merges, in
-increasing precedence, field defaults < `--config FILE.yaml` < flags < `--set key=value`, and names the
-source of every bad value: the flag the user typed, `--set key`, or the config file's key.
+panel, a metavar and its resume policy: `fixed` (part of the experiment: a resumed run may change it only
+with `--allow-change`; the default, so a new setting is safe until declared otherwise) or `free` (how the run
+is carried out: workers, logging, save cadence). hnmix.cliopts turns a model into command-line options;
+`load_settings` merges, in increasing precedence, field defaults < `--config FILE.yaml` < flags < `--set
+key=value`, and names the source of every bad value: the flag the user typed, `--set key`, or the config
+file's key.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import difflib
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +35,24 @@ class Settings(BaseModel):
         path.write_text(yaml.safe_dump(self.to_yaml_dict(), sort_keys=False))
 
 
+RESUME_POLICIES = ("fixed", "free")
+
+
 def setting(default: Any = ..., description: str = "", *, flags: tuple[str, ...] = (), panel: str | None = None,
-            metavar: str | None = None, argument: bool = False, cli: bool = True, **field_kwargs) -> Any:
-    """A pydantic Field that also says how the command line sets it (see the module docstring)."""
-    extra = {"flags": list(flags), "panel": panel, "metavar": metavar, "argument": argument, "cli": cli}
+            metavar: str | None = None, argument: bool = False, cli: bool = True, resume: str = "fixed",
+            **field_kwargs) -> Any:
+    """A pydantic Field that also says how the command line sets it and whether a resumed run may change it
+    (see the module docstring)."""
+    if resume not in RESUME_POLICIES:
+        raise ValueError(f"resume policy must be one of {RESUME_POLICIES}, got {resume!r}")
+    extra = {"flags": list(flags), "panel": panel, "metavar": metavar, "argument": argument, "cli": cli,
+             "resume": resume}
     return Field(default, description=description, json_schema_extra=extra, **field_kwargs)
 
 
 def field_extra(field) -> dict:
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    return {"flags": [], "panel": None, "metavar": None, "argument": False, "cli": True, **extra}
+    return {"flags": [], "panel": None, "metavar": None, "argument": False, "cli": True, "resume": "fixed", **extra}
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -226,6 +238,38 @@ def canonical_flag(cls: type[BaseModel], path: tuple[str, ...], value: Any = Non
     on, off = switch_flags(field, extra["flags"][0] if extra["flags"] else "--" + "-".join(path).replace("_", "-"))
     is_switch = field.annotation is bool or bool in typing.get_args(field.annotation)  # bool, bool | None
     return (off or on) if is_switch and value is False else on
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str  # dotted, as --set and --allow-change take it
+    flag: str  # the flag that gives the new value (a switch: its side, --no-mlp)
+    old_flag: str  # the one that gives the old value
+    old: Any
+    new: Any
+    fixed: bool  # the setting's resume policy
+
+    def __str__(self) -> str:
+        """As the user types it: `--epochs 1 -> 2`, `--mlp -> --no-mlp`."""
+        if isinstance(self.new, bool) and self.flag != self.old_flag:
+            return f"{self.old_flag} -> {self.flag}"
+        return f"{self.flag} {value_text(self.old)} -> {value_text(self.new)}"
+
+
+def value_text(value: Any) -> str:
+    """A value as a flag takes it (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def setting_changes(cls: type[BaseModel], old: dict, new: dict) -> list[Change]:
+    """Settings whose values differ between two saved configurations (model_dump(mode="json") dicts), in
+    field order; a setting missing from either side (saved by another version) is not a change."""
+    before, after = flatten(cls, migrate_values(cls, old)), flatten(cls, new)
+    return [Change(dotted(path), canonical_flag(cls, path, after[path]) or dotted(path),
+                   canonical_flag(cls, path, before[path]) or dotted(path), before[path], after[path],
+                   field_extra(field)["resume"] == "fixed")
+            for path, field in known_paths(cls).items()
+            if path in before and path in after and before[path] != after[path]]
 
 
 def format_validation_error(e: ValidationError, source: dict | None = None, cls=None) -> str:

@@ -137,18 +137,25 @@ class MetricsHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """last.pt at every save point (epoch ends, --save-every, the end, a stop); epoch_NNNN.pt every
-    --keep-every epochs. The state is copied off the model at the step (consistent; on CUDA into pinned
-    buffers, queued on the stream), and a background thread writes it while training goes on; the next
-    save, or the end of the run, waits for it."""
+    """last.pt at every save point (epoch ends, --save-every, the end, a stop), the one before it kept as
+    last.prev.pt; epoch_NNNN.pt every --keep-every epochs. The state is copied off the model at the step
+    (consistent; on CUDA into pinned buffers, queued on the stream), and a background thread writes it while
+    training goes on; the next step sees a failed write (a full disk) and stops the run with one line."""
 
     def __init__(self, out: Path, is_main: bool, keep_every: int):
         self.out, self.is_main, self.keep_every = out, is_main, keep_every
         self.writer: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.error: tuple[Path, BaseException] | None = None
         self.pinned: dict[str, torch.Tensor] = {}
+        self.written: tuple[Path, int] | None = None  # the newest complete checkpoint and its step
+
+    def start(self, trainer) -> None:
+        if trainer.last_good is not None:
+            self.written = (trainer.last_good, trainer.step)
 
     def after_step(self, trainer, out, moment: Moment) -> None:
+        if self.error is not None:  # the last write failed: stop here rather than train on unsaved
+            self.wait()
         if moment.save:
             self.save(trainer, moment.epoch_end, wait=moment.run_end)
 
@@ -164,7 +171,8 @@ class CheckpointHook(Hook):
         epoch = trainer.step // trainer.steps_per_epoch
         if epoch_end and self.keep_every and epoch % self.keep_every == 0:
             paths.append(self.out / f"epoch_{epoch:04d}.pt")
-        self.writer = threading.Thread(target=self._write, args=(state, paths, copied), name="hnmix-checkpoint")
+        self.writer = threading.Thread(target=self._write, args=(state, paths, copied, trainer.step),
+                                       name="hnmix-checkpoint")
         self.writer.start()
         trainer.last_good = paths[0]
         if wait:
@@ -185,22 +193,31 @@ class CheckpointHook(Hook):
             return type(obj)(self._snapshot(v, f"{key}/{i}") for i, v in enumerate(obj))
         return obj
 
-    def _write(self, state: dict, paths: list[Path], copied) -> None:
+    def _write(self, state: dict, paths: list[Path], copied, step: int) -> None:
+        path = paths[0]
         try:
             if copied is not None:
                 copied.synchronize()  # the device has finished copying into the pinned buffers
-            for path in paths:
-                atomic_save(state, path)
-        except BaseException as e:  # re-raised in the training thread at the next wait
-            self.error = e
+            for path in paths:  # last.pt turns into last.prev.pt once the new one is on disk
+                atomic_save(state, path, previous=path.with_suffix(".prev.pt") if path == paths[0] else None)
+                if path == paths[0]:
+                    self.written = (path, step)
+        except BaseException as e:  # re-raised in the training thread at its next step
+            self.error = (path, e)
 
     def wait(self) -> None:
         if self.writer is not None:
             self.writer.join()
             self.writer = None
         if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+            (path, error), self.error = self.error, None
+            if not isinstance(error, OSError | RuntimeError):
+                raise error
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+            kept = (f"{self.written[0]} still holds step {self.written[1]}" if self.written
+                    else "no checkpoint was written")
+            raise HnmixError(f"could not write {path} ({reason}); stopped: {kept}, the earlier checkpoints are "
+                             "intact") from None
 
     def close(self, trainer, finished: bool) -> None:
         self.wait()

@@ -1,8 +1,9 @@
 """Running a pretraining job: data -> Trainer step -> hooks (metrics, monitors, checkpoints), one process or DDP.
 
-`pretrain(cfg, hooks)` is the whole run: set up the process group, open the run directory and the data,
-build the Trainer (hnmix.train.trainer: model, optimiser, one step; no I/O), resume it, print the run's
-table, then step through RunBatches; an unreadable image or a stop keeps what was trained.
+`pretrain(cfg, hooks)` is the whole run: set up the process group, lock the run directory (checking a resume
+against the run's settings), open the data, build the Trainer (hnmix.train.trainer: model, optimiser, one
+step; no I/O), resume it, print the run's table, then step through RunBatches; an unreadable image or a stop
+keeps what was trained.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from hnmix.core import dist
 from hnmix.core.io import atomic_save
 from hnmix.data.order import RunBatches
 from hnmix.errors import CorruptImageError
-from hnmix.train.checkpoint import load_checkpoint
 from hnmix.train.data import TrainingData
 from hnmix.train.hooks import CheckpointHook, Hook, MetricsHook, Moment
 from hnmix.train.run_dir import RunDirectory
@@ -72,13 +72,12 @@ def resumed_pipeline(cfg, ckpt: dict | None, console: Console) -> str | None:
     return None
 
 
-def train(cfg, info: dist.DistInfo, hooks: list[Hook] = ()) -> Trainer:
-    """Run (or continue) the pretraining of cfg on this rank; returns the Trainer at the end."""
-    console = Console(quiet=not info.is_main)
-    run_dir = RunDirectory(cfg, info, console)
-    ckpt, path = None, run_dir.resume_from()
-    if path is not None:
-        ckpt = load_checkpoint(path)
+def train(cfg, info: dist.DistInfo, hooks: list[Hook] = (), run_dir: RunDirectory | None = None) -> Trainer:
+    """Run (or continue) the pretraining of cfg on this rank in run_dir (opened and locked here if not given);
+    returns the Trainer at the end."""
+    run_dir = run_dir or RunDirectory(cfg, info, Console(quiet=not info.is_main))
+    console = run_dir.console
+    ckpt = run_dir.resume()  # refuses a changed experiment before anything is written
     data = TrainingData(cfg, info, console.print, pipeline=resumed_pipeline(cfg, ckpt, console))
     cfg = cfg.model_copy(update={"pipeline": data.pipeline})  # config.yaml and checkpoints record the choice
     if cfg.queue_size > len(data) // 2:  # MoCo assumes K << dataset size
@@ -88,7 +87,7 @@ def train(cfg, info: dist.DistInfo, hooks: list[Hook] = ()) -> Trainer:
     sampler_args = (len(data), cfg.batch_size, info.rank, info.world, cfg.seed, cfg.epochs)
     trainer = Trainer(cfg, info, RunBatches(*sampler_args).steps_per_epoch, console)
     if ckpt is not None:
-        trainer.load(ckpt, path)
+        trainer.load(ckpt, run_dir.resumed_from)
     sampler = RunBatches(*sampler_args, start_step=trainer.step, total_steps=cfg.max_steps)
     start = trainer.step
     run_dir.prepare(start, cfg)
@@ -159,12 +158,18 @@ def finish(trainer: Trainer, out: Path) -> None:
 def pretrain(cfg, hooks: list[Hook] = ()) -> Path:
     info = dist.setup(cfg.device)
     out = Path(cfg.output)
+    run_dir = None
     try:
-        trainer = train(cfg, info, list(hooks))
+        run_dir = RunDirectory(cfg, info, Console(quiet=not info.is_main))
+        trainer = train(cfg, info, list(hooks), run_dir)
         finish(trainer, out)
         del trainer  # the DDP reducer holds the process group: free it before the group goes
     except BaseException:
+        if run_dir is not None:  # a new directory that never got a checkpoint goes, then the lock
+            run_dir.abandon()
+            run_dir.release()
         dist.teardown(finished=False)
         raise
+    run_dir.release()
     dist.teardown()
     return out

@@ -16,25 +16,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hnmix.core import dist
 from hnmix.core.device import autocast_dtype, enable_fast_kernels
-from hnmix.core.settings import canonical_flag
 from hnmix.data.order import sample_seed
 from hnmix.errors import HnmixError
 from hnmix.models.moco import MocoOutput, MocoStep
 from hnmix.negatives.base import Strategy
 from hnmix.train.build import batch_norm_for, build_model, build_strategy
 from hnmix.train.checkpoint import make_checkpoint, set_rng_state
-
-# settings a resumed run must share with its checkpoint: they shape the model or the data order
-RESUME_FIXED = ("arch", "cifar_stem", "dim", "mlp", "queue_size", "batch_size", "data", "seed", "image_size",
-                "augment")
-
-
-def resume_change(cls, key: str, old, new) -> str:
-    """A changed setting as the user typed it: `--no-mlp (the checkpoint: --mlp)`, `--dim 64 (the checkpoint: 128)`."""
-    flag = canonical_flag(cls, (key,), new) or key
-    if isinstance(new, bool):
-        return f"{flag} (the checkpoint: {canonical_flag(cls, (key,), old) or key})"
-    return f"{flag} {new} (the checkpoint: {old})"
 
 
 def effective_lr(cfg) -> float:
@@ -77,11 +64,7 @@ class Trainer:
         self.last_good: Path | None = None
 
     def load(self, ckpt: dict, path: Path) -> None:
-        saved, current = ckpt["config"], self.cfg.model_dump(mode="json")
-        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != current[k]]  # hnmix 0.1: no augment
-        if changed:
-            diffs = ", ".join(resume_change(type(self.cfg), k, saved[k], current[k]) for k in changed)
-            raise HnmixError(f"cannot resume {path}: settings differ from the checkpoint ({diffs})")
+        """The checkpoint's state (the run directory has checked its settings: hnmix.train.run_dir)."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
