@@ -46,9 +46,10 @@ class SlurmSettings(Settings):
         return v
 
     def extra_parameters(self) -> dict:
-        """--slurm KEY=VALUE as sbatch parameters (values as typed: 'exclusive=true' -> --exclusive=true)."""
-        return {key.strip().replace("-", "_"): value.strip() for key, _, value in
-                (item.partition("=") for item in self.slurm)}
+        """--slurm KEY=VALUE as sbatch parameters: mem=64G -> --mem=64G, exclusive=true -> --exclusive."""
+        pairs = (item.partition("=") for item in self.slurm)
+        return {key.strip().replace("-", "_"): True if value.strip().lower() in ("true", "") else value.strip()
+                for key, _, value in pairs}
 
 
 class LaunchSettings(SlurmSettings):

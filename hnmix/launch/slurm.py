@@ -88,7 +88,7 @@ def executor(settings: SlurmSettings, folder: Path, name: str):
     gpus = settings.gpus_per_node
     params = {"job_name": name, "nodes": settings.nodes, "ntasks_per_node": max(gpus, 1),
               "time": settings.time_min, "signal_delay_s": settings.signal_before_s,
-              "additional_parameters": settings.extra_parameters()}
+              "additional_parameters": {"requeue": True, **settings.extra_parameters()}}  # preemptible
     params.update({k: v for k, v in {"gpus_per_node": gpus or None, "cpus_per_task": settings.cpus_per_task,
                                      "partition": settings.partition, "account": settings.account,
                                      "qos": settings.qos, "constraint": settings.constraint}.items() if v})
@@ -162,3 +162,8 @@ class Follower:
                     self.offsets[path] = f.tell()
                 if chunk:
                     self.write(chunk.rstrip("\n"))
+
+
+def existing(folder: Path, job_id: str):
+    """The submitit handle of a job submitted earlier into folder (its logs, its state)."""
+    return submitit().SlurmJob(folder=folder / "%j", job_id=job_id)
