@@ -46,8 +46,9 @@ AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 ReturnToService=2
 MpiDefault=none
-# a requeued job may start again at once (the default holds it 60 s after it ends)
+# ended jobs stay visible to squeue (hnmix waits on job states without an accounting database)
 MinJobAge=300
+# SIGTERM to SIGKILL: time for a run to finish its step and write last.pt
 KillWait=30
 $node State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO

@@ -185,3 +185,18 @@ def test_a_job_requeued_mid_run_resumes_bit_identically(tmp_path, tiny_base):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 61)), "each step logged once across both requeues"
+
+
+@pytest.mark.slow
+def test_local_parallel_runs_two_grid_points_at_once(tmp_path, tiny_base):
+    out = tmp_path / "cmp"
+    result = hnmix("compare", "--config", str(tiny_base), "--grid", "seed=0,1", "--launcher", "local",
+                   "--parallel", "2", "-o", str(out), "--no-analyze")
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = [line.split(":")[0] + (" start" if ": starting" in line else " end") for line in
+              result.stdout.splitlines() if ": starting (" in line or ": exit " in line]
+    assert events[:2] == ["seed-0 start", "seed-1 start"] and sorted(events[2:]) == ["seed-0 end", "seed-1 end"]
+    assert "OMP_NUM_THREADS=1" in result.stdout  # ENV's one thread each (2 cores / 2 runs otherwise)
+    for name in ("seed-0", "seed-1"):
+        assert (out / name / "backbone.pt").is_file() and "hnmix pretrain" in (out / name / "pretrain.log").read_text()
+    assert "n=2" in (out / "compare.md").read_text()

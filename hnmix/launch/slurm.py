@@ -121,7 +121,7 @@ def state(job_id: str) -> str:
     return states[0] if states else "GONE"
 
 
-def wait(jobs: list, poll: Callable[[dict], None] | None = None, every: float = 2.0) -> dict[str, str]:
+def wait(jobs: list, poll: Callable[[dict], None] | None = None, every: float = 1.0) -> dict[str, str]:
     """Block until every job has ended; returns {job id: final state}. A requeued job is waited for."""
     states: dict[str, str] = {}
     while True:
