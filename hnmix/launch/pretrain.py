@@ -53,7 +53,11 @@ def submit_pretrain(cfg, launch: LaunchSettings, console: Console | None = None)
     if not launch.wait:
         return 0
     follow = slurm.Follower(stdout, stderr, write=lambda text: console.out(text, highlight=False))
-    final = slurm.wait([job], poll=follow)[job.job_id]
+    try:
+        final = slurm.wait([job], poll=follow)[job.job_id]
+    except KeyboardInterrupt:
+        raise HnmixError(f"stopped following job {job.job_id}; it goes on (squeue -j {job.job_id}, scancel "
+                         f"{job.job_id})") from None
     follow()
     done = (out / "backbone.pt").is_file()
     console.print(f"job {job.job_id}: {final}" + ("" if done else f" without backbone.pt: {slurm.last_line(stderr)}"),
