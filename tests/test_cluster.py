@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -203,3 +204,20 @@ def test_local_parallel_runs_two_grid_points_at_once(tmp_path, tiny_base):
     for name in ("seed-0", "seed-1"):
         assert (out / name / "backbone.pt").is_file() and "hnmix pretrain" in (out / name / "pretrain.log").read_text()
     assert "n=2" in (out / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaches_every_parallel_run_which_saves_its_step(tmp_path, tiny_base):
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen([sys.executable, "-m", "hnmix", "compare", "--config", str(tiny_base), "--grid",
+                             "seed=0,1", "--set", "epochs=50", "--set", "max_steps=200", "--set", "knn_every=0",
+                             "--parallel", "2", "-o", str(out), "--no-analyze"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    until(lambda: all(last_step(out / f"seed-{s}" / "metrics.jsonl") >= 2 for s in (0, 1)), "both runs training")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted during seed-0, seed-1" in " ".join(stderr.split()), stderr
+    for s in (0, 1):
+        saved = torch.load(out / f"seed-{s}" / "last.pt", weights_only=True)["step"]
+        assert 2 <= saved < 200 and not (out / f"seed-{s}" / "backbone.pt").exists()

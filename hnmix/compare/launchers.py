@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hnmix.compare.runs import Interrupted, _Signal, catch_signals, shell_line
+from hnmix.compare.runs import SIGNAL_NAMES, Interrupted, _Signal, catch_signals, shell_line
 from hnmix.errors import HnmixError
 
 
@@ -72,8 +72,7 @@ def run_parallel(jobs: list[tuple[str, list[str], Path]], n: int, on_start: Call
                 for proc in procs:
                     proc.wait()
             names = ", ".join(name for name, _, _ in running.values())
-            raise Interrupted(f"{'interrupted' if first.signum == 2 else 'terminated'} during {names}",
-                              first.signum) from None
+            raise Interrupted(f"{SIGNAL_NAMES[first.signum][0]} during {names}", first.signum) from None
         finally:
             for _, proc, out in running.values():  # an error in compare itself: leave no orphan behind
                 if proc.poll() is None:
