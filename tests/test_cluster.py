@@ -221,3 +221,26 @@ def test_ctrl_c_reaches_every_parallel_run_which_saves_its_step(tmp_path, tiny_b
     for s in (0, 1):
         saved = torch.load(out / f"seed-{s}" / "last.pt", weights_only=True)["step"]
         assert 2 <= saved < 200 and not (out / f"seed-{s}" / "backbone.pt").exists()
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_a_two_task_job_trains_under_ddp_as_torchrun_does(tmp_path, tiny_base):
+    """Two tasks on the node (as two GPUs would be): ranks from SLURM's environment, gloo; the weights equal
+    those of `torchrun --nproc_per_node=2` with the same settings."""
+    from hnmix.core.settings import load_config
+    from hnmix.launch import slurm
+
+    cfg = load_config(PretrainConfig, tiny_base, {"output": str(tmp_path / "job"), "max_steps": 6,
+                                                  "knn_every": 0})
+    ex = slurm.executor(SlurmSettings(), tmp_path / "slurm", "ddp")
+    ex.update_parameters(ntasks_per_node=2)  # --gpus-per-node 2 asks for this, with GPUs
+    job = ex.submit(slurm.PretrainJob(cfg))
+    assert slurm.wait([job]) == {job.job_id: "COMPLETED"}
+    assert "global 8 = 2 x 4 per rank" in slurm.log_paths(job)[0].read_text()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "hnmix", "pretrain",
+                    "--config", str(tiny_base), "--set", "max_steps=6", "--set", "knn_every=0", "-o",
+                    str(tmp_path / "torchrun")], env=ENV, check=True, capture_output=True, timeout=300)
+    a = torch.load(tmp_path / "torchrun" / "backbone.pt", weights_only=True)
+    b = torch.load(tmp_path / "job" / "backbone.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
