@@ -1,7 +1,8 @@
 """Launchers: the sbatch script submitit writes from hnmix's flags, bad launcher flags in one line, and (slow)
-real jobs on a real one-node SLURM cluster (scripts/slurm-cluster.sh start): a 2-run grid through
-`compare --launcher slurm`, a run requeued twice mid-way (by `scontrol requeue` and by its own USR2 before a
-time limit) that ends bit-identical to an uninterrupted one, and `compare --launcher local --parallel 2`."""
+real jobs on a real one-node SLURM cluster (scripts/slurm-cluster.sh start; skipped without one): a 2-run grid
+through `compare --launcher slurm`, a run requeued twice mid-way (by `scontrol requeue` and by its own USR2
+before a time limit) that ends bit-identical to an uninterrupted one, a two-task job under DDP against
+torchrun; and `compare --launcher local --parallel 2`, Ctrl-C included."""
 
 import json
 import os
@@ -30,13 +31,17 @@ def cluster_up() -> str | None:
     """None when a SLURM cluster answers, else why not."""
     if shutil.which("sinfo") is None:
         return "no SLURM here (apt-get install slurm-wlm munge; scripts/slurm-cluster.sh start)"
-    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-    if out.returncode != 0 or not out.stdout.split():
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        out = None
+    if out is None or out.returncode != 0 or not out.stdout.split():
         return "no SLURM cluster answers (scripts/slurm-cluster.sh start)"
     return None
 
 
-needs_cluster = pytest.mark.skipif(cluster_up() is not None, reason=str(cluster_up()))
+NO_CLUSTER = cluster_up()
+needs_cluster = pytest.mark.skipif(NO_CLUSTER is not None, reason=str(NO_CLUSTER))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY_BASE = {"arch": "test_resnet", "image_size": 16, "batch_size": 8, "queue_size": 32, "dim": 16, "epochs": 1,
              "workers": 0, "knn_every": 1, "log_every": 1}
