@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import time
 from pathlib import Path
 
@@ -221,9 +222,8 @@ def train_slurm(runs: list[Run], cfg: CompareConfig, console: Console) -> tuple[
                 task = progress.add_task("jobs", total=None, info="")
                 states = slurm.wait(list(jobs.values()), poll=lambda st: progress.update(task, info=", ".join(
                     f"{name} {st.get(job.job_id, '?')}" for name, job in jobs.items())))
-        except KeyboardInterrupt:
-            raise HnmixError("stopped waiting; the jobs go on (squeue): rerun the same command to wait for "
-                             "them and write the report") from None
+        except KeyboardInterrupt:  # the jobs go on; a rerun waits for them (JobRecord) instead of resubmitting
+            raise Interrupted("interrupted while waiting; the SLURM jobs go on (squeue)", signal.SIGINT) from None
     return _outcome(runs, cfg, console, lambda run: f"SLURM job {jobs[run.name].job_id} "
                     f"{states.get(jobs[run.name].job_id)}: {slurm.last_line(slurm.log_paths(jobs[run.name])[1])}")
 
