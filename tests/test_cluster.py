@@ -181,7 +181,7 @@ def test_a_job_requeued_mid_run_resumes_bit_identically(tmp_path, tiny_base):
     until(lambda: slurm_state(job_id) in ("COMPLETED", "FAILED"), "the end of the job", timeout=120)
     assert full.wait(timeout=120) == 0, full.stderr.read()
     followed, _ = waiting.communicate(timeout=60)  # --wait followed the job through both requeues
-    assert waiting.returncode == 0 and f"tail -f {out}/slurm/{job_id}/{job_id}_0_log.out" in followed
+    assert waiting.returncode == 0 and f"tail -f {out}/slurm/{job_id}/{job_id}_0_log.out" in followed, followed
     assert followed.count("hnmix pretrain") == 3 and f"job {job_id}: COMPLETED" in followed, followed
 
     assert slurm_state(job_id) == "COMPLETED"

@@ -121,16 +121,23 @@ def state(job_id: str) -> str:
     return states[0] if states else "GONE"
 
 
-def wait(jobs: list, poll: Callable[[dict], None] | None = None, every: float = 1.0) -> dict[str, str]:
-    """Block until every job has ended; returns {job id: final state}. A requeued job is waited for."""
+def wait(jobs: list, poll: Callable[[dict], None] | None = None, every: float = 1.0,
+         confirm: float = 5.0) -> dict[str, str]:
+    """Block until every job has ended; returns {job id: final state}. A requeued job is waited for: an end
+    counts once it still holds `confirm` seconds later (a requeue passes through an ended task first)."""
     states: dict[str, str] = {}
+    ended_at: dict[str, float] = {}
     while True:
         for job in jobs:
-            if states.get(job.job_id) not in ENDED:
+            if job.job_id not in ended_at or time.monotonic() - ended_at[job.job_id] < confirm:
                 states[job.job_id] = state(job.job_id)
+                if states[job.job_id] not in ENDED:
+                    ended_at.pop(job.job_id, None)
+                else:
+                    ended_at.setdefault(job.job_id, time.monotonic())
         if poll:
             poll(states)
-        if all(s in ENDED for s in states.values()):
+        if len(ended_at) == len(jobs) and all(time.monotonic() - t >= confirm for t in ended_at.values()):
             return states
         time.sleep(every)
 
