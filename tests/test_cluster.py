@@ -168,10 +168,12 @@ def test_a_job_requeued_mid_run_resumes_bit_identically(tmp_path, tiny_base):
     args = ["pretrain", "--config", str(tiny_base), "--set", "max_steps=60", "--set", "epochs=15",
             "--set", "knn_every=0"]
     out = tmp_path / "job"
-    waiting = subprocess.Popen([sys.executable, "-m", "hnmix", *args, "-o", str(out), "--launcher", "slurm",
-                                "--wait"], env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    job_id = re.search(r"submitted SLURM job (\d+)", waiting.stdout.readline())[1]
+    log = tmp_path / "wait.log"
+    with open(log, "w") as f:
+        waiting = subprocess.Popen([sys.executable, "-m", "hnmix", *args, "-o", str(out), "--launcher", "slurm",
+                                    "--wait"], env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=f, stderr=f)
+    until(lambda: "submitted SLURM job" in log.read_text(), "the submission")
+    job_id = re.search(r"submitted SLURM job (\d+)", log.read_text())[1]
     full = subprocess.Popen([sys.executable, "-m", "hnmix", *args, "-o", str(tmp_path / "full")], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -180,7 +182,8 @@ def test_a_job_requeued_mid_run_resumes_bit_identically(tmp_path, tiny_base):
     interrupt(job_id, out, 35, ["scancel", "--signal=USR2", job_id])  # the time limit's warning: it requeues itself
     until(lambda: slurm_state(job_id) in ("COMPLETED", "FAILED"), "the end of the job", timeout=120)
     assert full.wait(timeout=120) == 0, full.stderr.read()
-    followed, _ = waiting.communicate(timeout=60)  # --wait followed the job through both requeues
+    waiting.wait(timeout=60)  # --wait followed the job through both requeues
+    followed = log.read_text()
     assert waiting.returncode == 0 and f"tail -f {out}/slurm/{job_id}/{job_id}_0_log.out" in followed, followed
     assert followed.count("hnmix pretrain") == 3 and f"job {job_id}: COMPLETED" in followed, followed
 
