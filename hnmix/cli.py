@@ -15,6 +15,7 @@ from hnmix.compare.config import CompareConfig
 from hnmix.config import BenchConfig, PretrainConfig
 from hnmix.detection.config import ConvertConfig, TransferDetectConfig  # pydantic only: no detectron2 import
 from hnmix.eval.config import LinevalConfig
+from hnmix.launch.pretrain import launch_options, launch_settings, submit_pretrain
 from hnmix.negatives import METHODS
 
 HELP_WIDTH = {"max_content_width": 100}  # wraps at the terminal's width below that, never cuts
@@ -28,7 +29,10 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def run_pretrain(cfg) -> None:
+def run_pretrain(cfg, **launcher) -> None:
+    settings = launch_settings(launcher)
+    if settings.launcher == "slurm":
+        raise typer.Exit(submit_pretrain(cfg, settings))
     from hnmix.eval.monitor import knn_monitor_hooks
     from hnmix.train.loop import pretrain
 
@@ -106,7 +110,7 @@ def build_app(pretrain_config=PretrainConfig, bench_config=BenchConfig) -> typer
         transfer to detection."""
 
     methods = "; ".join(f"{m.name} = {m.summary}" for m in METHODS.values())
-    settings_command(app, pretrain_config, run_pretrain, name="pretrain", help=(
+    settings_command(app, pretrain_config, run_pretrain, name="pretrain", extra=launch_options(), help=(
         "Pretrain a backbone with MoCo-v2 or a hard-negative method (single process, or DDP under torchrun).\n\n"
         f"Methods (--method): moco = MoCo-v2; {methods}. --oracle-labels adds the label oracle to any of them. "
         "See docs/methods.md.\n\nExample: hnmix pretrain --data DIR --method mochi --N 1024 --s 1024 --s-prime 128"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install hnmix into it (editable, with the dev extra).
+# Create the virtual environment and install hnmix into it (editable, with the dev and cluster extras).
 # torch is pinned to the builds this kind of machine serves from local disk; set TORCH_SPEC to override
 # (e.g. TORCH_SPEC="torch torchvision" for whatever PyPI serves, or a CUDA build of your choice).
 set -euo pipefail
@@ -17,6 +17,6 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # shellcheck disable=SC2086  # the spec is a list of requirements
 "$VENV/bin/python" -m pip install --quiet $TORCH_SPEC
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev,cluster]"
 "$VENV/bin/python" -c "import torch, torchvision, timm; print('installed: torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)"
 echo "hnmix is in $VENV/bin: run 'source $VENV/bin/activate' to have it on your PATH"

@@ -17,10 +17,12 @@ from hnmix.config import BenchConfig, PretrainConfig
 from hnmix.core.settings import canonical_flag, known_paths, load_config
 from hnmix.detection.config import ConvertConfig, TransferDetectConfig
 from hnmix.eval.config import LinevalConfig
+from hnmix.launch.config import LaunchSettings
 
 COMMANDS = {"pretrain": PretrainConfig, "bench": BenchConfig, "lineval": LinevalConfig, "analyze": AnalyzeConfig,
             "convert": ConvertConfig, "transfer-detect": TransferDetectConfig, "compare": CompareConfig}
 EXTRA = {"--json", "--help", "--version"}  # flags that are not settings
+LAUNCHER = {"pretrain": flags_of(LaunchSettings)}  # pretrain's --launcher slurm flags (hnmix.launch)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -56,7 +58,7 @@ def test_readme_and_docs_name_only_flags_that_exist():
             if not found:
                 continue
             command, rest = found.groups()
-            known = flags_of(COMMANDS[command]) | EXTRA
+            known = flags_of(COMMANDS[command]) | EXTRA | LAUNCHER.get(command, set())
             for flag in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", rest):
                 assert flag in known, f"{page.name}: `hnmix {command} ... {flag}` is not a flag of {command}"
                 checked += 1

@@ -17,7 +17,7 @@ from hnmix.negatives.base import Method, MethodSettings, Negatives
 
 # lower number = lower layer; a module may import its own layer and the ones below
 LAYERS = {"errors": 0, "core": 0, "data": 1, "models": 1, "negatives": 1, "config": 2, "train": 3, "eval": 4,
-          "analyze": 5, "detection": 5, "bench": 5, "compare": 6, "doctor": 6, "cliopts": 6, "cli": 7,
+          "analyze": 5, "detection": 5, "bench": 5, "compare": 6, "launch": 6, "doctor": 6, "cliopts": 6, "cli": 7,
           "__main__": 8, "__init__": 0}
 
 

@@ -7,10 +7,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hnmix.core.settings import Settings, setting
+from hnmix.core.settings import setting
+from hnmix.launch.config import SLURM, SlurmSettings
 
 
-class CompareConfig(Settings):
+class CompareConfig(SlurmSettings):  # the SLURM settings apply to every job of --launcher slurm
     config: str | None = setting(None, flags=("--config",), metavar="FILE.yaml", description="YAML file of pretrain settings every run starts from "
                                "(epochs, batch and data come from here: the same budget for every run)")
     grid: list[str] = setting(..., flags=("--grid",), metavar="KEY=V1,V2", min_length=1, description="a setting and its comma-separated values, e.g. "
@@ -33,6 +34,11 @@ class CompareConfig(Settings):
                           "per line; replace 'python' by 'torchrun --nproc_per_node=N') and exit")
     report_only: bool = setting(False, flags=("--report-only",), description="run nothing but evaluations: report the finished runs in "
                               "--output and list the others as missing")
+    launcher: Literal["local", "slurm"] = setting("local", "local = run here (--parallel at once); slurm = "
+                                                  "submit every unfinished run as a SLURM job (a job array), "
+                                                  "wait, report", flags=("--launcher",), panel=SLURM)
+    parallel: int = setting(1, "with --launcher local: runs at once, one GPU each (CUDA_VISIBLE_DEVICES), "
+                            "else a share of the CPU cores each (OMP_NUM_THREADS)", ge=1, flags=("--parallel",))
     results_doc: str | None = Field(None, description="also write the claims and numbers as a standalone "
                                     "Markdown page (e.g. docs/results.md; generated, never edited by hand)")
     dataset_name: str | None = Field(None, description="what the data is, for the claims (e.g. imagenet-100, "
@@ -49,6 +55,8 @@ class CompareConfig(Settings):
     def _one_mode(self) -> CompareConfig:
         if self.dry_run and self.report_only:
             raise ValueError("--dry-run and --report-only exclude each other")
+        if self.parallel > 1 and self.launcher != "local":
+            raise ValueError("--parallel applies to --launcher local (a cluster runs every job at once)")
         if Path(self.output).is_file():
             raise ValueError(f"--output {self.output} is a file, not a directory")
         return self

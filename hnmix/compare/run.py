@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from hnmix.compare import evaluate, plots
 from hnmix.compare.claims import ArmData, GridBudget, judge_all
 from hnmix.compare.config import CompareConfig
 from hnmix.compare.grid import BUDGET_KEYS, Point, cross, parse_baseline, parse_grid
+from hnmix.compare.launchers import JobRecord, run_parallel
 from hnmix.compare.report import METRICS, print_console, write_files
 from hnmix.compare.runs import (
     Interrupted,
@@ -32,6 +34,7 @@ from hnmix.core.log import eval_progress
 from hnmix.core.settings import setting_names
 from hnmix.data.demo import DEMO
 from hnmix.errors import HnmixError
+from hnmix.launch import slurm
 from hnmix.train.run_dir import recorded_changes
 
 PROBE_KEYS = {"fast": "probe", "moco": "linear"}  # --probe -> metric key prefix
@@ -122,7 +125,12 @@ def train_one(run: Run, cfg: CompareConfig, console: Console, tag: str, on_poll)
 
 
 def train_all(runs: list[Run], cfg: CompareConfig, console: Console) -> tuple[dict, dict]:
-    """Launch what is not finished, one run at a time; returns ({name: measurement}, {name: failure})."""
+    """Launch what is not finished, one run at a time (or --parallel, or as SLURM jobs); returns
+    ({name: measurement}, {name: failure})."""
+    if cfg.launcher == "slurm":
+        return train_slurm(runs, cfg, console)
+    if cfg.parallel > 1:
+        return train_parallel(runs, cfg, console)
     measured, failed = {}, {}
     with eval_progress(console) as progress:
         task = progress.add_task("runs", total=len(runs), info="")
@@ -140,6 +148,85 @@ def train_all(runs: list[Run], cfg: CompareConfig, console: Console) -> tuple[di
                 measured[run.name] = measure_and_say(run, cfg, console, tag)
             progress.advance(task)
     return measured, failed
+
+
+def _skip_finished(runs: list[Run], console: Console) -> list[Run]:
+    for run in runs:
+        if run.finished:
+            console.print(f"{run.name}: skipped (finished)", highlight=False, soft_wrap=True)
+    return [run for run in runs if not run.finished]
+
+
+def _outcome(runs: list[Run], cfg: CompareConfig, console: Console, why_failed) -> tuple[dict, dict]:
+    """Measure the finished runs in grid order; the others failed for why_failed(run)."""
+    measured, failed = {}, {}
+    for run in runs:
+        if run.finished:
+            measured[run.name] = measure_and_say(run, cfg, console, run.name)
+        else:
+            failed[run.name] = why_failed(run)
+            console.print("[red]" + escape(f"{run.name}: {failed[run.name]}") + "[/]", highlight=False,
+                          soft_wrap=True)
+    return measured, failed
+
+
+def train_parallel(runs: list[Run], cfg: CompareConfig, console: Console) -> tuple[dict, dict]:
+    """--parallel N: N runs at once (launchers.run_parallel), then each measured."""
+    todo, codes = _skip_finished(runs, console), {}
+    started = {}
+
+    def on_start(name: str, env: dict) -> None:
+        started[name] = time.perf_counter()
+        console.print(f"{name}: starting ({', '.join(f'{k}={v}' for k, v in env.items())}; log: "
+                      f"{cfg.output}/{name}/pretrain.log)", highlight=False, soft_wrap=True)
+
+    def on_end(name: str, code: int) -> None:
+        codes[name] = code
+        console.print(f"{name}: exit {code} after {time.perf_counter() - started[name]:.0f} s", highlight=False)
+
+    with eval_progress(console) as progress:
+        task = progress.add_task("runs", total=None, info="")
+        run_parallel([(r.name, pretrain_command(r, cfg.config, cfg.sets), r.dir / "pretrain.log") for r in todo],
+                     cfg.parallel, on_start, on_end,
+                     lambda names: progress.update(task, info="; ".join(
+                         f"{r.name}: {_epoch_now(r)}" for r in todo if r.name in names)))
+    return _outcome(runs, cfg, console, lambda run: f"failed (exit {codes.get(run.name)}): "
+                    f"{last_line(run.dir / 'pretrain.log')}")
+
+
+def train_slurm(runs: list[Run], cfg: CompareConfig, console: Console) -> tuple[dict, dict]:
+    """Every unfinished run as a SLURM job (one job array); a job of an earlier call still queued or running
+    is waited for, not submitted twice; a failed one is submitted again and resumes from its last.pt."""
+    folder = Path(cfg.slurm_folder) if cfg.slurm_folder else Path(cfg.output) / "slurm"
+    record, todo = JobRecord(folder), _skip_finished(runs, console)
+    jobs = {}
+    for run in todo:
+        job_id = record.read().get(run.name)
+        if job_id and slurm.state(job_id) not in slurm.ENDED:
+            jobs[run.name] = slurm.existing(folder, job_id)
+            console.print(f"{run.name}: SLURM job {job_id} of an earlier call still active: waiting for it",
+                          highlight=False, soft_wrap=True)
+    new = [r for r in todo if r.name not in jobs]
+    configs = [r.config.model_copy(update={"resume": "auto" if r.state == "unfinished" else None}) for r in new]
+    submitted = slurm.submit(configs, cfg, folder, name=f"hnmix-{Path(cfg.output).name}") if new else []
+    record.write({r.name: job.job_id for r, job in zip(new, submitted, strict=True)})
+    for run, job in zip(new, submitted, strict=True):
+        jobs[run.name] = job
+        console.print(f"{run.name}: SLURM job {job.job_id}{' (resumes its last.pt)' if run.state == 'unfinished' else ''}"
+                      f", log {slurm.log_paths(job)[0]}", highlight=False, soft_wrap=True)
+    states = {}
+    if jobs:
+        console.print(f"waiting for {len(jobs)} job(s): squeue -j {','.join(j.job_id for j in jobs.values())}",
+                      highlight=False, soft_wrap=True)
+        try:
+            with eval_progress(console) as progress:
+                task = progress.add_task("jobs", total=None, info="")
+                states = slurm.wait(list(jobs.values()), poll=lambda st: progress.update(task, info=", ".join(
+                    f"{name} {st.get(job.job_id, '?')}" for name, job in jobs.items())))
+        except KeyboardInterrupt:  # the jobs go on; a rerun waits for them (JobRecord) instead of resubmitting
+            raise Interrupted("interrupted while waiting; the SLURM jobs go on (squeue)", signal.SIGINT) from None
+    return _outcome(runs, cfg, console, lambda run: f"SLURM job {jobs[run.name].job_id} "
+                    f"{states.get(jobs[run.name].job_id)}: {slurm.last_line(slurm.log_paths(jobs[run.name])[1])}")
 
 
 def print_commands(runs: list[Run], cfg: CompareConfig) -> list[str]:
