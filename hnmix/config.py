@@ -82,7 +82,7 @@ class PretrainBase(Settings):
     cifar_stem: bool = setting(False, "3x3 stride-1 stem without max-pool, for 32 px images", panel=MODEL)
     zero_init_residual: bool = setting(False, "start the last BN of each residual branch at weight 0 (timm's "
                                        "ResNet init); off by default: torchvision's init, which official MoCo "
-                                       "uses", panel=MODEL)
+                                       "uses", panel=MODEL, resume="free")  # it only shapes step 0
     dim: int = setting(128, "embedding dimension", ge=1, panel=MODEL)
     mlp: bool = setting(True, "2-layer MLP projection head (MoCo-v2)", panel=MODEL)
     queue_size: int = setting(65536, "K, the number of queued negatives", flags=("--queue-size", "-K"), ge=1,

@@ -99,6 +99,9 @@ stop_one() {  # the daemon whose pid file this script's slurm.conf names, by its
 }
 
 stop() {
+  if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then  # a real cluster's config: not ours to stop
+    echo "slurm-cluster: $CONF was not written by this script: leaving that cluster alone" >&2; return 1
+  fi
   scancel --user=root 2>/dev/null || true
   stop_one "$STATE/slurmd.pid"
   stop_one "$STATE/slurmctld.pid"

@@ -252,3 +252,16 @@ def test_a_two_task_job_trains_under_ddp_as_torchrun_does(tmp_path, tiny_base):
     a = torch.load(tmp_path / "torchrun" / "backbone.pt", weights_only=True)
     b = torch.load(tmp_path / "job" / "backbone.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_requeued_job_keeps_its_resume_file_until_it_has_a_checkpoint_of_its_own(tmp_path):
+    from hnmix.launch.slurm import continued
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "last.pt").write_bytes(b"")  # settings check only that it exists
+    cfg = PretrainConfig(data="demo", output=str(tmp_path / "run"), resume=str(tmp_path / "other" / "last.pt"))
+    assert continued(cfg).resume == cfg.resume  # preempted before its first save: start as asked
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    assert continued(cfg).resume == "auto"
+    assert continued(cfg.model_copy(update={"resume": None})).resume == "auto"

@@ -386,9 +386,10 @@ def test_a_run_made_with_other_settings_is_refused(runner, tmp_path, demo_base):
     cfg = CompareConfig(config=str(demo_base), grid=["seed=0"], output=str(tmp_path / "c"))
     (run,) = plan_runs(cross(parse_grid(cfg.grid, FIELDS, [], False)), Path(cfg.output), cfg.config, [])
     run.dir.mkdir(parents=True)
-    saved = run.config.model_dump(mode="json") | {"lr": 0.5, "workers": 7, "resume": "auto"}
+    saved = run.config.model_dump(mode="json") | {"lr": 0.5, "workers": 7, "resume": "auto", "skip_corrupt": True}
     (run.dir / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert config_drift(run) == ["lr: 0.5 -> 0.03"]  # workers and resume do not change what a run learns
+    # what a resume may change (the settings' resume policy) is no drift: workers, resume, skip_corrupt
+    assert config_drift(run) == ["lr: 0.5 -> 0.03"]
     result = runner.invoke(app, ["compare", "--config", str(demo_base), "--grid", "seed=0", "-o", cfg.output])
     assert_clean_error(result, "was made with other settings (lr: 0.5 -> 0.03)")
 

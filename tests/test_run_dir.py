@@ -24,7 +24,8 @@ from hnmix.train.run_dir import recorded_changes
 
 # what a resumed run may change without --allow-change: how the run is carried out, never what it learns
 FREE = {"workers", "pipeline", "skip_corrupt", "channels_last", "compile", "compile_mode", "device", "output",
-        "resume", "allow_change", "save_every", "keep_every", "log_every", "knn_every", "knn_data"}
+        "resume", "allow_change", "save_every", "keep_every", "log_every", "knn_every", "knn_data",
+        "zero_init_residual"}  # the init only shapes step 0: a resumed run never uses it
 
 
 def pretrain(runner, data, out, *extra):
@@ -271,3 +272,27 @@ def test_compare_marks_a_run_changed_on_resume(runner, small_run):
     assert any(line.startswith(f"| {changed['name']} (⚠ changed on resume)") for line in marked), lines
     assert not any(plain["name"] + " (" in line for line in lines)
     assert f"- `{changed['name']}`: epochs 1 -> 2 at step 2" in lines
+
+
+def test_a_run_that_fails_early_removes_only_what_it_made_never_a_neighbour(tmp_path):
+    # run A makes exp/ and exp/a; B runs in exp/b; A failing before its first checkpoint must not take B along
+    import torch
+    from rich.console import Console
+
+    from hnmix.config import PretrainConfig
+    from hnmix.core.dist import DistInfo
+    from hnmix.train.run_dir import RunDirectory
+
+    info, quiet = DistInfo(0, 1, 0, torch.device("cpu")), Console(quiet=True)
+    a = RunDirectory(PretrainConfig(data="demo", output=str(tmp_path / "exp" / "a")), info, quiet)
+    b = RunDirectory(PretrainConfig(data="demo", output=str(tmp_path / "exp" / "b")), info, quiet)
+    (tmp_path / "exp" / "b" / "last.pt").write_bytes(b"B's checkpoint")
+    a.release()
+    a.abandon()
+    assert not (tmp_path / "exp" / "a").exists()
+    assert (tmp_path / "exp" / "b" / "last.pt").read_bytes() == b"B's checkpoint"
+    b.release()
+    alone = RunDirectory(PretrainConfig(data="demo", output=str(tmp_path / "new" / "deep" / "c")), info, quiet)
+    alone.release()
+    alone.abandon()
+    assert not (tmp_path / "new").exists()  # the folders it made, all empty, go with it

@@ -21,12 +21,9 @@ import yaml
 
 from hnmix.compare.grid import Point
 from hnmix.config import PretrainConfig
-from hnmix.core.settings import load_config
+from hnmix.core.settings import load_config, setting_changes
 from hnmix.errors import HnmixError
 
-# settings that do not change what a run learns: a run made with other values still counts as the same run
-NOT_RESULTS = ("output", "resume", "workers", "save_every", "keep_every", "log_every", "pipeline",
-               "compile", "device", "eval_transform")  # eval_transform: how it is measured (evaluate.py)
 SIGNAL_NAMES = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
 
 
@@ -71,9 +68,10 @@ def config_drift(run: Run) -> list[str]:
     if not saved_file.is_file():
         return []
     saved = yaml.safe_load(saved_file.read_text()) or {}
-    wanted = run.config.to_yaml_dict()
-    return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items()
-            if key not in NOT_RESULTS and saved.get(key) != value]
+    # the settings a resume may not change (their resume policy); eval_transform is how compare measures,
+    # which it re-measures on its own (evaluate.py)
+    changes = setting_changes(PretrainConfig, saved, run.config.to_yaml_dict())
+    return [f"{c.key}: {c.old!r} -> {c.new!r}" for c in changes if c.fixed and c.key != "eval_transform"]
 
 
 def check_drift(runs: list[Run]) -> None:

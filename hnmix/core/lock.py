@@ -51,5 +51,6 @@ class DirectoryLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor of the open file releases the flock
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # forked loader workers may still share the open file
+            os.close(self.fd)
             self.fd = None

@@ -13,6 +13,7 @@ from hnmix.core.settings import load_settings
 from hnmix.errors import HnmixError
 from hnmix.launch import slurm
 from hnmix.launch.config import LaunchSettings
+from hnmix.train.run_dir import holds_run
 
 
 def _flags(cls):
@@ -38,7 +39,7 @@ def submit_pretrain(cfg, launch: LaunchSettings, console: Console | None = None)
     """Submit; print the job id, its logs and how to follow it; with --wait follow it. Returns an exit code."""
     console = console or Console()
     out = Path(cfg.output)
-    if cfg.resume is None and (out / "last.pt").is_file():  # the job would refuse it anyway, minutes later
+    if cfg.resume is None and holds_run(out):  # the job would refuse it anyway, minutes later
         raise HnmixError(f"{out} already holds a run (last.pt); --resume auto continues it, or choose another "
                          "--output")
     folder = Path(launch.slurm_folder) if launch.slurm_folder else out / "slurm"

@@ -24,6 +24,7 @@ from pathlib import Path
 from hnmix.core.stop import SignalFlag, Stopped
 from hnmix.errors import HnmixError
 from hnmix.launch.config import SlurmSettings
+from hnmix.train.run_dir import holds_run
 
 # job states after which nothing more happens (squeue --states=all); the others mean "not yet"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -36,6 +37,12 @@ def submitit():
     except ImportError:
         raise HnmixError("--launcher slurm needs submitit: pip install 'hnmix[cluster]'") from None
     return module
+
+
+def continued(cfg):
+    """The settings of a requeued job: --resume auto once the run has a checkpoint of its own; before that
+    whatever the job was asked to start from (a --resume FILE is not dropped for a fresh start)."""
+    return cfg.model_copy(update={"resume": "auto"}) if holds_run(cfg.output) else cfg
 
 
 class PretrainJob:
@@ -52,9 +59,7 @@ class PretrainJob:
         env = sm.JobEnvironment()
         if env.num_tasks > 1:  # MASTER_ADDR/PORT (the first node), RANK, WORLD_SIZE, LOCAL_RANK from SLURM
             sm.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        cfg = self.cfg
-        if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:  # requeued by SLURM: continue the run
-            cfg = cfg.model_copy(update={"resume": "auto"})
+        cfg = continued(self.cfg) if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 else self.cfg
         usr = signal.Signals[f"SIG{env.USR_SIG}"]
         requeue = signal.getsignal(usr)  # submitit's: pickle checkpoint(), scontrol requeue, exit
         preempted: list[int] = []
@@ -78,7 +83,7 @@ class PretrainJob:
 
     def checkpoint(self):
         """submitit calls this on USR2 before requeueing: the next start continues from last.pt."""
-        return submitit().helpers.DelayedSubmission(PretrainJob(self.cfg.model_copy(update={"resume": "auto"})))
+        return submitit().helpers.DelayedSubmission(PretrainJob(continued(self.cfg)))
 
 
 def executor(settings: SlurmSettings, folder: Path, name: str):

@@ -33,6 +33,11 @@ LAST, PREVIOUS, UNREADABLE, HISTORY = "last.pt", "last.prev.pt", "last.unreadabl
 NOT_RECORDED = ("output", "resume", "allow_change")  # how this start was asked for, not how the run differs
 
 
+def holds_run(path: Path) -> bool:
+    """A run directory with a checkpoint to continue from."""
+    return any((Path(path) / name).is_file() for name in (LAST, PREVIOUS))
+
+
 class RunDirectory:
     def __init__(self, cfg, info: DistInfo, console: Console):
         self.cfg, self.info, self.console = cfg, info, console
@@ -43,7 +48,7 @@ class RunDirectory:
         self.created = missing[-1] if missing else None  # the outermost folder this run makes (the lock does)
         self.lock = DirectoryLock(self.path)
         self._take_lock()
-        if cfg.resume is None and any((self.path / name).is_file() for name in (LAST, PREVIOUS)):
+        if cfg.resume is None and holds_run(self.path):
             self.release()  # never overwrite a run by accident
             raise HnmixError(f"{self.path} already holds a run ({LAST}); --resume auto continues it, or choose "
                              f"another --output (or delete the directory) to start afresh")
@@ -149,7 +154,14 @@ class RunDirectory:
     def abandon(self) -> None:
         """A run that failed before saving anything leaves no half-made directory behind (a new one only)."""
         if self.info.is_main and self.created is not None and self.path.is_dir() and not (self.path / LAST).exists():
-            shutil.rmtree(self.created, ignore_errors=True)
+            shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self.path.parents:  # the folders made for it, while empty: another run may use one now
+                if parent == self.created.parent:
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
 
 def recorded_changes(run_dir: Path) -> list[dict]:
