@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from hnmix.compare.runs import Run, last_line, launch
+from hnmix.compare.runs import Run, launch
+from hnmix.core.log import last_line
 from hnmix.errors import HnmixError
 from hnmix.eval.lineval import sha256_file
 

@@ -22,7 +22,6 @@ from hnmix.compare.runs import (
     Interrupted,
     Run,
     check_drift,
-    last_line,
     launch,
     plan_runs,
     pretrain_command,
@@ -30,7 +29,7 @@ from hnmix.compare.runs import (
 )
 from hnmix.compare.stats import difference, holm_family, summary
 from hnmix.config import PretrainConfig
-from hnmix.core.log import eval_progress
+from hnmix.core.log import eval_progress, last_line
 from hnmix.core.settings import setting_names
 from hnmix.data.demo import DEMO
 from hnmix.errors import HnmixError

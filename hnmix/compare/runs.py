@@ -171,7 +171,3 @@ def launch(cmd: list[str], log: Path, poll: Callable[[], None] | None = None, wh
                 proc.wait()
 
 
-def last_line(log: Path) -> str:
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no output"

@@ -73,3 +73,10 @@ def training_progress(console: Console) -> Progress:
 
 def eval_progress(console: Console) -> Progress:
     return progress_bar(console, "{task.description}", "{task.fields[info]}")
+
+
+def last_line(log: Path, skip: str | None = None) -> str:
+    """The last non-blank line of a log (one holding `skip` passed over): what a failed run said last."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not (skip and skip in line)]
+    return lines[-1] if lines else "no output"

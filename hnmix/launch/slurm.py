@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hnmix.core import log
 from hnmix.core.stop import SignalFlag, Stopped
 from hnmix.errors import HnmixError
 from hnmix.launch.config import SlurmSettings
@@ -153,9 +154,7 @@ def log_paths(job) -> tuple[Path, Path]:
 
 
 def last_line(path: Path) -> str:
-    text = path.read_text(errors="replace") if path.is_file() else ""
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "submitit" not in line]
-    return lines[-1] if lines else "no output"
+    return log.last_line(path, skip="submitit")  # submitit's own lines say nothing of the run
 
 
 class Follower:
