@@ -273,6 +273,7 @@ def test_property_claims_are_indicative_off_their_dataset_and_thresholds_work():
                                                   metric="uniformity"), GridBudget("demo", 10))
     assert v["status"] == "indicative" and v["caveats"] == ["on demo, not ImageNet-100", "10 of 100 epochs"]
     assert v["reason"].startswith("the claimed direction: uniformity difference -0.103")
+    assert "(paper: )" not in v["reason"]  # a claim of direction only quotes no effect size
     fn = claim("mochi-fn")
     at_budget = GridBudget("imagenet-100", 100)
     (v,) = judge(fn, arms({"mochi": [0.010, 0.012, 0.011]}, metric="mochi_fn"), at_budget)

@@ -161,7 +161,8 @@ def verdict(claim: Claim, interval: Interval, metric: str, grid: GridBudget) -> 
     if interval.within_noise:
         seen, side = f"within noise: {_shifted(interval, claim)} contains {reference} {seeds}", 0
     elif interval.diff * claim.direction > 0:
-        seen, side = f"{observed}, {_shifted(interval, claim)} {seeds} (paper: {claim.paper_effect})", 1
+        paper = f" (paper: {claim.paper_effect})" if claim.paper_effect else ""  # a direction-only claim has none
+        seen, side = f"{observed}, {_shifted(interval, claim)} {seeds}{paper}", 1
     else:
         seen, side = f"opposite direction: {observed}, {_shifted(interval, claim)} {seeds}", -1
     if short:
