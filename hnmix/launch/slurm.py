@@ -41,9 +41,11 @@ def submitit():
 
 
 def continued(cfg):
-    """The settings of a requeued job: --resume auto once the run has a checkpoint of its own; before that
-    whatever the job was asked to start from (a --resume FILE is not dropped for a fresh start)."""
-    return cfg.model_copy(update={"resume": "auto"}) if holds_run(cfg.output) else cfg
+    """The settings of a requeued job: --resume auto (a fresh start while the run has no checkpoint), except
+    that a --resume FILE stays until the run has a checkpoint of its own (not dropped for a fresh start)."""
+    if cfg.resume is None or holds_run(cfg.output):
+        return cfg.model_copy(update={"resume": "auto"})
+    return cfg
 
 
 class PretrainJob:
