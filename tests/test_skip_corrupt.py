@@ -53,12 +53,17 @@ def corrupt_in_first_batch(images: ImageFiles, sampler: RunBatches) -> list[int]
     return bad
 
 
-@pytest.mark.parametrize("name", ["pil", "resident", "decode"])
-def test_a_replacement_carries_its_own_label_and_is_not_in_the_batch(tmp_path, monkeypatch, name):
+def folder_with_two_bad_files(tmp_path, monkeypatch, epochs: int):
+    """The flat-colour folder, its run order, and the two unreadable files of its first batch."""
     monkeypatch.setenv("HNMIX_CACHE_DIR", str(tmp_path / "cache"))
     images = flat_folder(tmp_path / "d")
-    sampler = RunBatches(N, BATCH, 0, 1, seed=0, epochs=2)
-    bad = corrupt_in_first_batch(images, sampler)
+    sampler = RunBatches(N, BATCH, 0, 1, seed=0, epochs=epochs)
+    return images, sampler, corrupt_in_first_batch(images, sampler)
+
+
+@pytest.mark.parametrize("name", ["pil", "resident", "decode"])
+def test_a_replacement_carries_its_own_label_and_is_not_in_the_batch(tmp_path, monkeypatch, name):
+    images, sampler, bad = folder_with_two_bad_files(tmp_path, monkeypatch, epochs=2)
     setup = Setup(torch.device("cpu"), SIZE, seed=0, skip_corrupt=True, augment=PLAIN)
     source, _ = PIPELINES[name].open(images, setup)
     steps = list(source(sampler))
@@ -75,10 +80,7 @@ def test_a_replacement_carries_its_own_label_and_is_not_in_the_batch(tmp_path, m
 
 @pytest.mark.parametrize("name", ["pil", "resident", "decode"])
 def test_without_skip_corrupt_the_file_is_named(tmp_path, monkeypatch, name):
-    monkeypatch.setenv("HNMIX_CACHE_DIR", str(tmp_path / "cache"))
-    images = flat_folder(tmp_path / "d")
-    sampler = RunBatches(N, BATCH, 0, 1, seed=0, epochs=1)
-    bad = corrupt_in_first_batch(images, sampler)
+    images, sampler, bad = folder_with_two_bad_files(tmp_path, monkeypatch, epochs=1)
     named = "|".join(images.paths[i].parent.name for i in bad)
     setup = Setup(torch.device("cpu"), SIZE, seed=0, augment=PLAIN)
     with pytest.raises(CorruptImageError, match=f"({named})/img.png.*use --skip-corrupt"):
