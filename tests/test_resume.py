@@ -50,11 +50,12 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         if stopped_at % 6:
             break
     assert 8 <= stopped_at < 36 and stopped_at % 6, stopped_at  # killed mid-epoch, after a checkpoint
-    assert not list(killed.glob(".*tmp*")), "no half-written checkpoint may remain visible"
+    (killed / f".last.pt.tmp-{2 ** 22 + 1}").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves
 
     resumed = subprocess.run(pretrain_cmd(data, killed, "--resume", "auto"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {killed / 'last.pt'}" in resumed.stdout.replace("\n", "")
+    assert not list(killed.glob(".*tmp*")), "the resume sweeps what a cut-short save left"
 
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)

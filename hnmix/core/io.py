@@ -62,11 +62,29 @@ def atomic_save(obj, path: str | Path, previous: str | Path | None = None) -> No
             f.flush()
             os.fsync(f.fileno())
         if previous is not None and path.exists():
-            os.replace(path, previous)
+            keep_as_previous(path, Path(previous))
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def keep_as_previous(path: Path, previous: Path) -> None:
+    """`previous` becomes the file now at `path`, while `path` stays in place: a hard link under a temporary
+    name renamed over `previous`, so a kill at any point leaves `path` whole (the next rename replaces it
+    atomically). Without hard links (some FUSE or SMB mounts) it falls back to a rename, whose short window
+    without `path` the resume covers by reading `previous`."""
+    link = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)
+        return
+    try:
+        os.replace(link, previous)
+    finally:
+        link.unlink(missing_ok=True)
 
 
 def load_torch_dict(path: str | Path) -> dict:

@@ -139,6 +139,8 @@ class RunDirectory:
         if self.resumed_from is None or not (self.path / "config.yaml").is_file():
             cfg.save_yaml(self.path / "config.yaml")
         truncate_metrics(self.path / "metrics.jsonl", step)
+        for stale in self.path.glob(".*.tmp-*"):  # a save a kill cut short; the lock says no one else writes here
+            stale.unlink(missing_ok=True)
         if self.unreadable is not None:  # kept for a look, out of the way of the next save's rotation
             os.replace(self.unreadable, self.path / UNREADABLE)
         changes = self.changes(self.saved, cfg) if self.resumed_from is not None else []
