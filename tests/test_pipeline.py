@@ -3,6 +3,7 @@ GPU-decode path resumes bit-identically, and a bad file never loses the run."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,7 +62,9 @@ def test_a_bad_file_mid_run_saves_the_step_and_says_how_to_continue(runner, tmp_
     assert saved >= 2 and f"holds step {saved}: continue with --skip-corrupt --resume auto" in err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, saved + 1))  # logged up to the saved step, nothing lost
-    resumed = pretrain(runner, data, out, "--epochs", "4", "--pipeline", "pil", "--skip-corrupt", "--resume", "auto")
+    with pytest.warns(UserWarning, match=re.escape(f"skipping unreadable image {bad}")):
+        resumed = pretrain(runner, data, out, "--epochs", "4", "--pipeline", "pil", "--skip-corrupt", "--resume",
+                           "auto")
     assert resumed.exit_code == 0, resumed.output
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 8
 
