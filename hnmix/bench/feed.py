@@ -6,8 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-import torch
-
+from hnmix.core.device import synchronize
 from hnmix.data.order import RunBatches
 from hnmix.errors import HnmixError
 
@@ -15,11 +14,6 @@ from hnmix.errors import HnmixError
 class Feed(NamedTuple):
     img_per_s: float  # images (each with its two views) per second after the warm-up, device-synchronised
     first_batch_s: float  # from the call to the first batch's views: worker start-up and first reads
-
-
-def _sync(t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
-        torch.cuda.synchronize(t.device)
 
 
 def measure_feed(source: Callable[[RunBatches], Iterator[tuple]], sampler: RunBatches, steps: int,
@@ -33,16 +27,16 @@ def measure_feed(source: Callable[[RunBatches], Iterator[tuple]], sampler: RunBa
     try:
         start = time.perf_counter()
         view_q = next(batches)[0]
-        _sync(view_q)
+        synchronize(view_q.device)
         first = time.perf_counter() - start
         for _ in range(warmup - 1):
             view_q = next(batches)[0]
-        _sync(view_q)
+        synchronize(view_q.device)
         start, images = time.perf_counter(), 0
         for _ in range(steps):
             view_q = next(batches)[0]
             images += view_q.shape[0]
-        _sync(view_q)
+        synchronize(view_q.device)
         return Feed(images / (time.perf_counter() - start), first)
     finally:
         batches.close()  # stops a DataLoader's workers

@@ -26,6 +26,7 @@ from rich.table import Table
 from hnmix.bench.bare import bare_step_timer, synthetic_views
 from hnmix.bench.profile import profile_step, profile_table
 from hnmix.config import SYNTHETIC, BenchConfig
+from hnmix.core.device import synchronize
 from hnmix.errors import HnmixError
 
 
@@ -37,11 +38,6 @@ def seconds_since_launch() -> float | None:
         return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def synthetic_batches(trainer, batch: int, size: int) -> Iterator[tuple]:
@@ -70,9 +66,9 @@ def time_steps(step: Callable[[], object], device: torch.device, cfg: BenchConfi
     for i in range(cfg.warmup):
         step()
         if i == 0 and first_step is not None:
-            _sync(device)
+            synchronize(device)
             first_step["since_launch"] = seconds_since_launch()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     blocks = []
@@ -80,7 +76,7 @@ def time_steps(step: Callable[[], object], device: torch.device, cfg: BenchConfi
         start = time.perf_counter()
         for _ in range(cfg.steps):
             step()
-        _sync(device)
+        synchronize(device)
         blocks.append((time.perf_counter() - start) / cfg.steps)
     ms = statistics.median(blocks) * 1e3
     out = {"ms_per_step": ms, "img_per_s": cfg.batch_size / ms * 1e3, "best_ms_per_step": min(blocks) * 1e3,

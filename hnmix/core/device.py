@@ -35,3 +35,9 @@ def enable_fast_kernels(device: torch.device) -> None:
     (TF32 stays off: logits and loss are promised in fp32.)"""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): timings must see the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -24,5 +24,4 @@ class Normalize(torch.nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format)
+        return normalize(x.float(), self.mean, self.std, self.memory_format)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from hnmix.data.augment.draws import AugDraws, AugParams, draw_augment
-from hnmix.data.augment.settings import IMAGENET_MEAN, IMAGENET_STD, AugmentSettings
+from hnmix.data.augment.settings import AugmentSettings
 from hnmix.data.augment.tensor import Boxes, TensorAugment, crop_boxes, finish_views, resized_crop
 from hnmix.data.normalize import normalize
 from hnmix.data.order import DECODE_DRAWS, RunBatches, rank_rows, sample_seed
@@ -126,11 +126,9 @@ class DecodeBatches:
         self.workers, self.prefetch, self.worker_init_fn = workers, prefetch, worker_init_fn
         self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
         self.labels = torch.tensor(images.labels, dtype=torch.long, device=device)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device)
-        self.augment = TensorAugment(image_size, channels_last, settings=augment).to(device)  # the views' settings
+        # the views' settings, and the statistics and memory format the views are normalised into
+        self.augment = TensorAugment(image_size, channels_last, settings=augment).to(device)
         # about 65 elementwise passes over the (2B, 3, S, S) views: compiling fuses them (same views to 1e-6;
         # 1.7x on a CPU core for 64 views of 112 px) but costs about a minute before the first step
         self.finish = torch.compile(finish_views, dynamic=False) if compile_augment else finish_views
@@ -145,16 +143,17 @@ class DecodeBatches:
         local, world_batch = sampler.local, sampler.batch
         rows, view = rank_rows(sampler)
         rows, view = to_device(rows, self.device), view.to(self.device)  # queries: view 1, keys: view 2
+        params = self.augment.params(view)
         for (step, _, _), batch in zip(sampler.positions(), self.loader(sampler), strict=True):
             images, used, skipped = self.decode(batch)
             self.generator.manual_seed(sample_seed(self.seed, step, DECODE_DRAWS))
             draws = draw_augment(2 * world_batch, generator=self.generator, device=self.device).take(rows)
-            params = self.augment.params(view)
             views = self.normalize(self.finish(crop_each(images, draws, self.size, params), draws, params))
             yield Batch(views[:local], views[local:], self.labels[to_device(used, self.device)], skipped)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, self.mean, self.std, self.memory_format)
+        a = self.augment
+        return normalize(x, a.mean, a.std, a.memory_format)
 
     # ------------------------------------------------------------------------------------- decoding
     def decode(self, batch: EncodedBatch) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -163,14 +162,13 @@ class DecodeBatches:
         jpegs = [k for k, n in enumerate(batch.lengths) if n]
         chunks = batch.data.split(batch.lengths)
         decoded = dict(zip(jpegs, decode_all([chunks[k] for k in jpegs], self.device), strict=True))
-        first = []
-        for k, index in enumerate(batch.indices.tolist()):
+        first, indices = [], batch.indices.tolist()
+        for k, index in enumerate(indices):
             if k in decoded:
                 image, why = decoded[k]
                 first.append((image, why and f"cannot read image {self.paths[index]}: {why}"))
             else:
                 first.append((self._upload(batch.pixels[k]), batch.errors[k]))
-        indices = batch.indices.tolist()
         if all(image is not None for image, _ in first):  # the usual case: no replacement
             return [image for image, _ in first], batch.indices, torch.zeros(len(first), dtype=torch.long)
         images, used, skipped = fill_batch(indices, len(self.paths), lambda slot, i: self.load(i),

@@ -78,9 +78,9 @@ class PilBatches:
 
 
 def open_pil(images, setup: Setup) -> tuple[PilBatches, str]:
-    if any(view.hue > 0 and view.jitter_p > 0 for view in (setup.augment or AugmentSettings()).views()):
-        hue_tables()  # opened here, before the workers fork, so that they share it
     dataset = TwoViews(images, setup.image_size, setup.seed, setup.skip_corrupt, augment=setup.augment)
+    if any(view.hue > 0 and view.jitter_p > 0 for view in dataset.augment.views):
+        hue_tables()  # opened here, before the workers fork, so that they share it
     source = PilBatches(dataset, setup.device, setup.workers, setup.channels_last, setup.worker_init_fn)
     return source, f"{source.workers} DataLoader workers, PIL augmentations"
 
