@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hnmix.compare.runs import SIGNAL_NAMES, Interrupted, _Signal, catch_signals, shell_line
+from hnmix.compare.runs import SIGNAL_NAMES, Interrupted, Signalled, catch_signals, pass_on, reap, start
 from hnmix.errors import HnmixError
 
 
@@ -32,9 +31,8 @@ def slot_envs(n: int) -> list[dict[str, str]]:
 
 def run_parallel(jobs: list[tuple[str, list[str], Path]], n: int, on_start: Callable[[str, dict], None],
                  on_end: Callable[[str, int], None], poll: Callable[[list[str]], None]) -> None:
-    """Run (name, command, log) jobs, n at a time, in grid order. As `runs.launch` does for one run: the
-    children have their own sessions; Ctrl-C / SIGTERM is passed on to each (they save their step), compare
-    waits for them and raises Interrupted; a second signal is passed on too."""
+    """Run (name, command, log) jobs, n at a time, in grid order, each as `runs.launch` runs one: own
+    session, Ctrl-C / SIGTERM passed on to each (they save their step), then Interrupted."""
     envs, pending = slot_envs(n), list(jobs)
     free, running = list(range(n)), {}  # slot -> (name, process, log file)
     with catch_signals():
@@ -42,13 +40,7 @@ def run_parallel(jobs: list[tuple[str, list[str], Path]], n: int, on_start: Call
             while pending or running:
                 while pending and free:
                     slot, (name, cmd, log) = free.pop(0), pending.pop(0)
-                    log.parent.mkdir(parents=True, exist_ok=True)
-                    out = open(log, "a")  # noqa: SIM115 (closed when the run ends)
-                    out.write(f"$ {shell_line(cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-                    out.flush()
-                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, **envs[slot]})
-                    running[slot] = (name, proc, out)
+                    running[slot] = (name, *start(cmd, log, env={**os.environ, **envs[slot]}))
                     on_start(name, envs[slot])
                 for slot, (name, proc, out) in list(running.items()):
                     if proc.poll() is not None:
@@ -58,26 +50,13 @@ def run_parallel(jobs: list[tuple[str, list[str], Path]], n: int, on_start: Call
                         on_end(name, proc.returncode)
                 poll([name for name, _, _ in running.values()])
                 time.sleep(0.5)
-        except _Signal as first:
-            procs = [proc for _, proc, _ in running.values()]
-            for proc in procs:
-                proc.send_signal(first.signum)
-            try:
-                for proc in procs:
-                    proc.wait()
-            except _Signal as second:
-                for proc in procs:
-                    if proc.poll() is None:
-                        proc.send_signal(second.signum)
-                for proc in procs:
-                    proc.wait()
+        except Signalled as first:
+            pass_on(first, [proc for _, proc, _ in running.values()])
             names = ", ".join(name for name, _, _ in running.values())
             raise Interrupted(f"{SIGNAL_NAMES[first.signum][0]} during {names}", first.signum) from None
         finally:
-            for _, proc, out in running.values():  # an error in compare itself: leave no orphan behind
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            reap([proc for _, proc, _ in running.values()])
+            for _, _, out in running.values():
                 out.close()
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -110,18 +111,20 @@ class Interrupted(HnmixError):
         self.signum, self.exit_code = signum, SIGNAL_NAMES[signum][1]
 
 
-class _Signal(Exception):
+class Signalled(Exception):
+    """SIGINT or SIGTERM arrived while children ran (raised in the main thread by catch_signals)."""
+
     def __init__(self, signum: int):
         self.signum = signum
 
 
 def _raise_signal(signum, _frame):
-    raise _Signal(signum)
+    raise Signalled(signum)
 
 
 @contextlib.contextmanager
 def catch_signals():
-    """SIGINT and SIGTERM become _Signal while a child runs, so compare can pass them on and wait."""
+    """SIGINT and SIGTERM become Signalled while a child runs, so compare can pass them on and wait."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
@@ -142,32 +145,54 @@ def _wait(proc: subprocess.Popen, poll: Callable[[], None] | None) -> int:
                 poll()
 
 
-def launch(cmd: list[str], log: Path, poll: Callable[[], None] | None = None, what: str = "the run") -> int:
-    """Run cmd with its output appended to log; returns its exit code.
-
-    The child has its own session, so a terminal's Ctrl-C reaches compare alone; compare passes the signal
-    on once (pretrain then finishes its step and saves last.pt), waits, and raises Interrupted. A second
-    signal is passed on too, and the child stops at once.
-    """
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, IO[str]]:
+    """cmd in its own session (a terminal's Ctrl-C reaches compare alone), its output appended to log under
+    a `$ command  # time` line; the caller closes the returned log file."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as out, catch_signals():
+    out = open(log, "a")  # noqa: SIM115 (the caller's, until the child ends)
+    try:
         out.write(f"$ {shell_line(cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return _wait(proc, poll)
-        except _Signal as first:
-            proc.send_signal(first.signum)
-            try:
-                _wait(proc, None)
-            except _Signal as second:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env), out
+    except BaseException:
+        out.close()
+        raise
+
+
+def pass_on(first: Signalled, procs: list[subprocess.Popen]) -> None:
+    """Pass the signal on (pretrain finishes its step and saves last.pt) and wait; a second signal is passed
+    on too, and the children stop at once."""
+    for proc in procs:
+        proc.send_signal(first.signum)
+    try:
+        for proc in procs:
+            proc.wait()
+    except Signalled as second:
+        for proc in procs:
+            if proc.poll() is None:
                 proc.send_signal(second.signum)
-                proc.wait()
-            name = SIGNAL_NAMES[first.signum][0]
-            raise Interrupted(f"{name} during {what}", first.signum) from None
-        finally:
-            if proc.poll() is None:  # an error in compare itself: leave no orphan behind
-                proc.kill()
-                proc.wait()
+        for proc in procs:
+            proc.wait()
 
 
+def reap(procs: list[subprocess.Popen]) -> None:
+    """An error in compare itself: leave no orphan behind."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def launch(cmd: list[str], log: Path, poll: Callable[[], None] | None = None, what: str = "the run") -> int:
+    """Run cmd with its output appended to log; returns its exit code. Ctrl-C / SIGTERM is passed on to the
+    run (pass_on), then compare raises Interrupted."""
+    with catch_signals():
+        proc, out = start(cmd, log)
+        with out:
+            try:
+                return _wait(proc, poll)
+            except Signalled as first:
+                pass_on(first, [proc])
+                raise Interrupted(f"{SIGNAL_NAMES[first.signum][0]} during {what}", first.signum) from None
+            finally:
+                reap([proc])
