@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from hnmix.core.settings import Settings, setting, setting_names
+from hnmix.core.settings import Settings, dotted, setting, setting_names
 from hnmix.data.augment.settings import AugmentSettings
 from hnmix.data.demo import DEMO
 from hnmix.data.folder import check_data_path
@@ -198,12 +198,13 @@ class PretrainBase(Settings):
     @field_validator("allow_change")
     @classmethod
     def _allow_change_known(cls, v: list[str]) -> list[str]:
-        names = setting_names(cls)
-        keys = [key.strip().replace("-", "_") for key in v]
-        for key in keys:
+        names, renamed, keys = setting_names(cls), cls.renamed(), []
+        for key in (key.strip().replace("-", "_") for key in v):
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 raise ValueError(f"unknown setting '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            # a flat name as the flag reads (--s, --synco-counts) allows the setting it names (mochi.s, ...)
+            keys += [dotted(path) for path in renamed.get((key,), ((key,),))]
         return keys
 
     @field_validator("resume")

@@ -119,6 +119,18 @@ def test_allow_change_is_recorded_and_config_yaml_keeps_the_original(runner, sma
     assert len(history(out)) == 3 and history(out)[-1]["changed"] == {}
 
 
+def test_allow_change_takes_a_setting_by_its_flag_name(runner, tmp_path):
+    # --allow-change s names the setting --s sets (mochi.s), as the flag reads; it used to pass validation
+    # and then match nothing
+    data = write_images(tmp_path / "d", 16, classes=["a", "b"])
+    out, mochi = tmp_path / "run", ["--method", "mochi", "--N", "4", "--s-prime", "1"]
+    assert pretrain(runner, data, out, "--epochs", "1", *mochi, "--s", "2").exit_code == 0
+    result = pretrain(runner, data, out, "--epochs", "1", *mochi, "--s", "3", "--resume", "auto",
+                      "--allow-change", "s")
+    assert result.exit_code == 0, result.output
+    assert history(out)[-1]["changed"] == {"mochi.s": {"old": 2, "new": 3}}
+
+
 # ------------------------------------------------------------------------------- 2. one process per directory
 
 

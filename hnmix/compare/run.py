@@ -196,11 +196,11 @@ def train_parallel(runs: list[Run], cfg: CompareConfig, console: Console) -> tup
 def train_slurm(runs: list[Run], cfg: CompareConfig, console: Console) -> tuple[dict, dict]:
     """Every unfinished run as a SLURM job (one job array); a job of an earlier call still queued or running
     is waited for, not submitted twice; a failed one is submitted again and resumes from its last.pt."""
-    folder = Path(cfg.slurm_folder) if cfg.slurm_folder else Path(cfg.output) / "slurm"
+    folder = cfg.folder(cfg.output)
     record, todo = JobRecord(folder), _skip_finished(runs, console)
-    jobs = {}
+    jobs, recorded = {}, record.read()
     for run in todo:
-        job_id = record.read().get(run.name)
+        job_id = recorded.get(run.name)
         if job_id and slurm.state(job_id) not in slurm.ENDED:
             jobs[run.name] = slurm.existing(folder, job_id)
             console.print(f"{run.name}: SLURM job {job_id} of an earlier call still active: waiting for it",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import field_validator
@@ -44,6 +45,10 @@ class SlurmSettings(Settings):
         if bad:
             raise ValueError(f"expects KEY=VALUE, got '{bad[0]}'")
         return v
+
+    def folder(self, output: str | Path) -> Path:
+        """Where submitit's files go: --slurm-folder, or OUTPUT/slurm."""
+        return Path(self.slurm_folder) if self.slurm_folder else Path(output) / "slurm"
 
     def extra_parameters(self) -> dict:
         """--slurm KEY=VALUE as sbatch parameters: mem=64G -> --mem=64G, exclusive=true -> --exclusive."""

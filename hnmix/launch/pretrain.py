@@ -13,7 +13,7 @@ from hnmix.core.settings import load_settings
 from hnmix.errors import HnmixError
 from hnmix.launch import slurm
 from hnmix.launch.config import LaunchSettings
-from hnmix.train.run_dir import holds_run
+from hnmix.train.run_dir import refuse_overwrite
 
 
 def _flags(cls):
@@ -39,11 +39,8 @@ def submit_pretrain(cfg, launch: LaunchSettings, console: Console | None = None)
     """Submit; print the job id, its logs and how to follow it; with --wait follow it. Returns an exit code."""
     console = console or Console()
     out = Path(cfg.output)
-    if cfg.resume is None and holds_run(out):  # the job would refuse it anyway, minutes later
-        raise HnmixError(f"{out} already holds a run (last.pt); --resume auto continues it, or choose another "
-                         "--output")
-    folder = Path(launch.slurm_folder) if launch.slurm_folder else out / "slurm"
-    job = slurm.submit([cfg], launch, folder, name=f"hnmix-{out.name}")[0]
+    refuse_overwrite(out, cfg.resume)  # now: the job would refuse it anyway, minutes later
+    job = slurm.submit([cfg], launch, launch.folder(out), name=f"hnmix-{out.name}")[0]
     stdout, stderr = slurm.log_paths(job)
     ranks = launch.nodes * max(launch.gpus_per_node, 1)
     console.print(f"submitted SLURM job {job.job_id}: {launch.nodes} node(s) x {max(launch.gpus_per_node, 1)} "

@@ -38,6 +38,13 @@ def holds_run(path: Path) -> bool:
     return any((Path(path) / name).is_file() for name in (LAST, PREVIOUS))
 
 
+def refuse_overwrite(path: Path, resume: str | None) -> None:
+    """A new run (no --resume) never overwrites one by accident."""
+    if resume is None and holds_run(path):
+        raise HnmixError(f"{path} already holds a run ({LAST}); --resume auto continues it, or choose another "
+                         "--output (or delete the directory) to start afresh")
+
+
 class RunDirectory:
     def __init__(self, cfg, info: DistInfo, console: Console):
         self.cfg, self.info, self.console = cfg, info, console
@@ -48,10 +55,11 @@ class RunDirectory:
         self.created = missing[-1] if missing else None  # the outermost folder this run makes (the lock does)
         self.lock = DirectoryLock(self.path)
         self._take_lock()
-        if cfg.resume is None and holds_run(self.path):
-            self.release()  # never overwrite a run by accident
-            raise HnmixError(f"{self.path} already holds a run ({LAST}); --resume auto continues it, or choose "
-                             f"another --output (or delete the directory) to start afresh")
+        try:
+            refuse_overwrite(self.path, cfg.resume)
+        except HnmixError:
+            self.release()
+            raise
         self.resumed_from: Path | None = None
         self.unreadable: Path | None = None  # a last.pt that --resume auto passed over
         self.saved: dict = {}  # the resumed checkpoint's settings
