@@ -44,12 +44,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temporary_beside(path: Path) -> Path:
+    """Where a file is written before its rename into place: hidden, and this process's own."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def sweep_temporaries(directory: Path) -> None:
+    """Remove what saves a kill cut short left (temporary_beside's files); the caller is the only writer."""
+    for stale in Path(directory).glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_save(obj, path: str | Path, previous: str | Path | None = None) -> None:
     """Write beside the target, fsync, then rename: a crash leaves the old file or the new one, never half.
     With `previous`, the file being replaced is first renamed to it, once the new one is complete on disk.
     A failed write (full disk) raises its OSError and leaves every existing file as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     try:
         with open(tmp, "wb") as f:
             out = _WriteErrors(f)
@@ -74,7 +85,7 @@ def keep_as_previous(path: Path, previous: Path) -> None:
     name renamed over `previous`, so a kill at any point leaves `path` whole (the next rename replaces it
     atomically). Without hard links (some FUSE or SMB mounts) it falls back to a rename, whose short window
     without `path` the resume covers by reading `previous`."""
-    link = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
+    link = temporary_beside(previous)
     link.unlink(missing_ok=True)
     try:
         os.link(path, link)

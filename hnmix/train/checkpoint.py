@@ -13,6 +13,7 @@ from hnmix.errors import HnmixError
 from hnmix.models.weights import CHECKPOINT_FORMAT
 
 FORMAT_VERSION = 1
+LAST, PREVIOUS = "last.pt", "last.prev.pt"  # the newest checkpoint of a run, and the one before it
 
 
 def rng_state() -> dict:

@@ -20,6 +20,7 @@ from hnmix.core.io import atomic_save
 from hnmix.core.log import MetricsLog, training_progress
 from hnmix.errors import HnmixError
 from hnmix.models.moco import STAT_NAMES
+from hnmix.train.checkpoint import LAST, PREVIOUS
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class CheckpointHook(Hook):
         copied = torch.cuda.Event() if self.pinned else None
         if copied is not None:
             copied.record()
-        paths = [self.out / "last.pt"]
+        paths = [self.out / LAST]
         epoch = trainer.step // trainer.steps_per_epoch
         if epoch_end and self.keep_every and epoch % self.keep_every == 0:
             paths.append(self.out / f"epoch_{epoch:04d}.pt")
@@ -198,10 +199,10 @@ class CheckpointHook(Hook):
         try:
             if copied is not None:
                 copied.synchronize()  # the device has finished copying into the pinned buffers
-            for path in paths:  # last.pt turns into last.prev.pt once the new one is on disk
-                atomic_save(state, path, previous=path.with_suffix(".prev.pt") if path == paths[0] else None)
-                if path == paths[0]:
-                    self.written = (path, step)
+            atomic_save(state, path, previous=self.out / PREVIOUS)  # the old last.pt becomes last.prev.pt
+            self.written = (path, step)
+            for path in paths[1:]:  # epoch_NNNN.pt
+                atomic_save(state, path)
         except BaseException as e:  # re-raised in the training thread at its next step
             self.error = (path, e)
 

@@ -99,17 +99,12 @@ def train(cfg, info: dist.DistInfo, hooks: list[Hook] = (), run_dir: RunDirector
     try:
         fit(trainer, data.batches(sampler), sampler.total, hooks, checkpoints)
     except CorruptImageError as e:  # keep what was trained: save the last step, as a stop signal does
-        if trainer.step == start == 0:
-            run_dir.abandon()
+        if trainer.step == start == 0:  # nothing to keep (pretrain() removes a new run's directory)
             raise
         if trainer.step > start:
             checkpoints.save(trainer, epoch_end=False, wait=True)
         raise CorruptImageError(f"{e}; {trainer.last_good} holds step {trainer.step}: continue with "
                                 "--skip-corrupt --resume auto") from None
-    except BaseException:
-        if trainer.step == start == 0:
-            run_dir.abandon()
-        raise
     return trainer
 
 

@@ -23,13 +23,14 @@ from rich.console import Console
 from hnmix import __version__
 from hnmix.core import dist
 from hnmix.core.dist import DistInfo
+from hnmix.core.io import sweep_temporaries
 from hnmix.core.lock import DirectoryLock
 from hnmix.core.log import truncate_metrics
 from hnmix.core.settings import Change, setting_changes
 from hnmix.errors import HnmixError
-from hnmix.train.checkpoint import load_checkpoint
+from hnmix.train.checkpoint import LAST, PREVIOUS, load_checkpoint
 
-LAST, PREVIOUS, UNREADABLE, HISTORY = "last.pt", "last.prev.pt", "last.unreadable.pt", "history.jsonl"
+UNREADABLE, HISTORY = "last.unreadable.pt", "history.jsonl"
 NOT_RECORDED = ("output", "resume", "allow_change")  # how this start was asked for, not how the run differs
 
 
@@ -143,12 +144,10 @@ class RunDirectory:
         settings as resolved (the pipeline auto chose, ...)."""
         if not self.info.is_main:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
         if self.resumed_from is None or not (self.path / "config.yaml").is_file():
             cfg.save_yaml(self.path / "config.yaml")
         truncate_metrics(self.path / "metrics.jsonl", step)
-        for stale in self.path.glob(".*.tmp-*"):  # a save a kill cut short; the lock says no one else writes here
-            stale.unlink(missing_ok=True)
+        sweep_temporaries(self.path)  # the lock says no one else writes here
         if self.unreadable is not None:  # kept for a look, out of the way of the next save's rotation
             os.replace(self.unreadable, self.path / UNREADABLE)
         changes = self.changes(self.saved, cfg) if self.resumed_from is not None else []
