@@ -164,17 +164,22 @@ def paper_terms(c: dict) -> str:
 CHANGED_MARK = "⚠ changed on resume"
 
 
+def _changes(run: dict, at_step: bool) -> str:
+    """A run's deliberate changes on resume: 'key old -> new[ at step N], ...'."""
+    return ", ".join(f"{c['key']} {c['old']} -> {c['new']}" + (f" at step {c['step']}" if at_step else "")
+                     for c in run["changed_on_resume"])
+
+
 def runs_section(report: dict) -> list[str]:
     metrics = shown_metrics(report)
     changed = [r for r in report["runs"] if r.get("changed_on_resume")]
-    rows = [[r["name"] + (f" ({CHANGED_MARK})" if r in changed else ""), r["knn_source"],
+    rows = [[r["name"] + (f" ({CHANGED_MARK})" if r.get("changed_on_resume") else ""), r["knn_source"],
              *(fmt(m.key, r["metrics"].get(m.key)) for m in metrics)] for r in report["runs"]]
     lines = ["## Runs", "", *_table(["run", "kNN from", *(m.label for m in metrics)], rows)]
     if changed:
         lines += [f"{CHANGED_MARK}: a setting of the experiment was changed on purpose (`--allow-change`) when "
                   "the run was resumed, so it is not one experiment throughout (its history.jsonl):", "",
-                  *(f"- `{r['name']}`: " + ", ".join(f"{c['key']} {c['old']} -> {c['new']} at step {c['step']}"
-                                                   for c in r["changed_on_resume"]) for r in changed), ""]
+                  *(f"- `{r['name']}`: {_changes(r, at_step=True)}" for r in changed), ""]
     if report["missing"]:
         lines += ["Missing (not in the numbers above):", "",
                   *(f"- `{m['name']}`: {m['reason']}" for m in report["missing"]), ""]
@@ -265,9 +270,8 @@ def print_console(report: dict, console: Console) -> None:
         console.print(f"[{STYLE[c['status']]}]{c['status']}[/]: {text}", highlight=False, soft_wrap=True)
     for r in report["runs"]:
         if r.get("changed_on_resume"):
-            keys = ", ".join(f"{c['key']} {c['old']} -> {c['new']}" for c in r["changed_on_resume"])
-            console.print(f"[yellow]{CHANGED_MARK}:[/] " + escape(f"{r['name']}: {keys}"), highlight=False,
-                          soft_wrap=True)
+            console.print(f"[yellow]{CHANGED_MARK}:[/] " + escape(f"{r['name']}: {_changes(r, at_step=False)}"),
+                          highlight=False, soft_wrap=True)
     for m in report["missing"]:
         console.print("[yellow]missing:[/] " + escape(f"{m['name']}: {m['reason']}"), highlight=False,
                       soft_wrap=True)
